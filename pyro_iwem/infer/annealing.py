@@ -1,0 +1,70 @@
+"""The annealing controller α of IWEM (§3.3.2, Algorithm 2)."""
+
+
+class Annealing:
+    r"""The annealing controller of eq. (8): :math:`\alpha = \min(a_0 + c \lfloor t / n_u \rfloor, 1)`.
+
+    α starts at ``start`` and grows by ``increment`` (c) after every ``every`` (:math:`n_u`)
+    counted updates, capped at ``stop``. What counts as an update is ``unit``:
+
+    * ``unit="step"``: :meth:`step` (called by :meth:`IWEM.step` after every optimisation
+      step) advances the count; :meth:`end_epoch` does nothing;
+    * ``unit="epoch"``: :meth:`end_epoch` (call it, or :meth:`IWEM.end_epoch`, after each
+      epoch) advances the count; :meth:`step` does nothing.
+
+    The paper's schedule is ``Annealing(0.01, every=1, unit="epoch")``: α reaches 1 after
+    100 epochs. The default, ``Annealing()``, counts steps with ``every=500``, which is the
+    same schedule for the paper's 50 000-image training sets at batch size 100.
+    """
+
+    def __init__(self, increment=0.01, every=500, start=0.0, stop=1.0, unit="step"):
+        if not increment > 0:
+            raise ValueError(f"Annealing: increment must be > 0, got {increment}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"Annealing: every must be a positive integer, got {every!r}")
+        if not 0.0 <= start <= stop <= 1.0:
+            raise ValueError(f"Annealing: need 0 <= start <= stop <= 1, got start={start}, stop={stop}")
+        if unit not in ("step", "epoch"):
+            raise ValueError(f"Annealing: unit must be 'step' or 'epoch', got {unit!r}")
+        self.increment = increment
+        self.every = every
+        self.start = start
+        self.stop = stop
+        self.unit = unit
+        self.count = 0
+
+    @property
+    def alpha(self):
+        return min(self.start + self.increment * (self.count // self.every), self.stop)
+
+    def step(self):
+        """Count one optimisation step (``unit="step"``)."""
+        if self.unit == "step":
+            self.count += 1
+
+    def end_epoch(self):
+        """Count one epoch (``unit="epoch"``)."""
+        if self.unit == "epoch":
+            self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = int(state["count"])
+
+    def __repr__(self):
+        return (
+            f"Annealing(increment={self.increment}, every={self.every}, start={self.start}, "
+            f"stop={self.stop}, unit={self.unit!r}) at alpha={self.alpha:.3f}"
+        )
+
+
+class NoAnnealing(Annealing):
+    """α ≡ 1: the E-step is the plain snIS objective of eq. (2) (IWEM-woa)."""
+
+    def __init__(self):
+        super().__init__(increment=1.0, every=1, start=1.0, stop=1.0)
+
+    def __repr__(self):
+        return "NoAnnealing()"

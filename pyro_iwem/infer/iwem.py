@@ -1,0 +1,132 @@
+"""Importance weighted EM (IWEM), Algorithm 2 of Kim, Hwang & Kim (AISTATS 2020)."""
+
+import pyro.optim
+import torch
+
+from .annealing import Annealing, NoAnnealing
+from .objectives import effective_sample_size, snis_objective
+from .proposal import OptimalProposalLoss, accumulate_grads, check_num_particles
+from .traces import theta_and_phi
+
+_PAPER_ANNEALING = object()
+
+
+def gradient_step(loss, params, optim):
+    """One step of ``optim`` on ``params`` along ∂loss/∂params; other gradients are not computed."""
+    params = accumulate_grads(loss, params)
+    optim(params)
+    for p in params:
+        p.grad = None
+
+
+class IWEM:
+    r"""Importance weighted EM: an E-step, an M-step on θ and a P-step on φ per :meth:`step`.
+
+    For a minibatch :math:`x_1..x_B`, one :meth:`step` does
+
+    1. **E-step**: draw :math:`z_{i1..iK}` (and L more for the annealing term) from the
+       guide, detached, in one vectorised pass; weights
+       :math:`\bar w_{ik} = \mathrm{softmax}_k(\log p(x_i, z_{ik}; \theta_t) - \log q(z_{ik} \mid x_i))`,
+       detached, normalised per datum;
+    2. **M-step**: one optimiser step on θ (the model's parameters) along
+       :math:`-\sum_i \hat Q_\alpha(\theta; x_i)`, eq. (8) (:func:`~pyro_iwem.infer.objectives.snis_objective`);
+    3. **P-step**: J fresh reparameterised draws at :math:`\theta_{t+1}`, one optimiser step
+       on φ (the parameters only the guide touches) along :class:`OptimalProposalLoss`, eq. (7).
+
+    :param model: a Pyro model :math:`p(x, z; \theta)`; any plates, several latent sites,
+        subsampling, missing data through ``obs_mask=`` or :func:`~pyro_iwem.observe_masked`.
+    :param guide: a Pyro guide :math:`q(z \mid x; \phi)` with reparameterisable sites.
+    :param int K: E-step importance samples (default 50).
+    :param int J: P-step samples (default 50).
+    :param int L: ELBO samples of the annealed E-step (default 1).
+    :param pyro.optim.PyroOptim optim: stepped on θ and φ separately (default Adam, lr 5e-4).
+    :param Annealing annealing: the controller α (default :class:`Annealing` ()); ``None``
+        means α ≡ 1 (IWEM-woa).
+    :param str proposal: "optimal" (eq. 7) or "iwae" (IWEM-woo, eq. 4).
+    :param int max_plate_nesting: optional; guessed from one run otherwise.
+    :param str data_plate: name of the plate over data points; detected when ``None``.
+
+    After each step, :attr:`ess` is the E-step's effective sample size (mean over the
+    batch) and :attr:`p_loss` the P-step loss.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        K=50,
+        J=50,
+        L=1,
+        optim=None,
+        annealing=_PAPER_ANNEALING,
+        proposal="optimal",
+        max_plate_nesting=None,
+        data_plate=None,
+    ):
+        self.model = model
+        self.guide = guide
+        self.K = check_num_particles("K", K)
+        self.L = check_num_particles("L", L)
+        self.proposal_loss = OptimalProposalLoss(J, proposal, max_plate_nesting, data_plate)
+        self.sampler = self.proposal_loss.sampler(model, guide)
+        if optim is None:
+            optim = pyro.optim.Adam({"lr": 5e-4})
+        if not isinstance(optim, pyro.optim.PyroOptim):
+            raise TypeError(f"optim must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam), got {type(optim).__name__}")
+        self.optim = optim
+        if annealing is _PAPER_ANNEALING:
+            annealing = Annealing()
+        self.annealing = NoAnnealing() if annealing is None else annealing
+        self.num_steps = 0
+        self.ess = float("nan")
+        self.p_loss = float("nan")
+
+    @property
+    def J(self):
+        return self.proposal_loss.num_particles
+
+    @property
+    def alpha(self):
+        """The annealing controller's current α."""
+        return self.annealing.alpha
+
+    def _e_step(self, alpha, args, kwargs):
+        num_elbo = self.L if alpha < 1.0 else 0
+        particles = self.sampler(self.K + num_elbo, args, kwargs, grad_guide=False)
+        loss = -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
+        return particles, loss
+
+    def step(self, *args, **kwargs):
+        """One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\\hat Q_\\alpha`."""
+        particles, loss = self._e_step(self.alpha, args, kwargs)
+        theta, _ = theta_and_phi(particles)
+        gradient_step(loss, theta, self.optim)
+        self.ess = effective_sample_size(particles.log_w[: self.K].detach()).mean().item()
+
+        p_particles = self.sampler(self.J, args, kwargs, grad_guide=True)
+        p_loss = self.proposal_loss.loss_from_particles(p_particles)
+        _, phi = theta_and_phi(p_particles, theta)
+        gradient_step(p_loss, phi, self.optim)
+        self.p_loss = p_loss.item()
+
+        self.annealing.step()
+        self.num_steps += 1
+        return loss.item()
+
+    def evaluate_loss(self, *args, **kwargs):
+        """The E-step loss :math:`-\\hat Q_\\alpha` at the current parameters, without updating them."""
+        with torch.no_grad():
+            return self._e_step(self.alpha, args, kwargs)[1].item()
+
+    def end_epoch(self):
+        """Tell the annealing controller an epoch has ended (for ``Annealing(unit="epoch")``)."""
+        self.annealing.end_epoch()
+
+    def state_dict(self):
+        """Step count and annealing state (the parameters live in Pyro's param store)."""
+        return {"num_steps": self.num_steps, "annealing": self.annealing.state_dict(), "optim": self.optim.get_state()}
+
+    def load_state_dict(self, state):
+        self.num_steps = int(state["num_steps"])
+        self.annealing.load_state_dict(state["annealing"])
+        self.optim.set_state(state["optim"])
