@@ -67,7 +67,7 @@ class IWEM:
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
-        self.proposal_loss = OptimalProposalLoss(J, proposal, max_plate_nesting, data_plate)
+        self.proposal_loss = OptimalProposalLoss(check_num_particles("J", J), proposal, max_plate_nesting, data_plate)
         self.sampler = self.proposal_loss.sampler(model, guide)
         if optim is None:
             optim = pyro.optim.Adam({"lr": 5e-4})

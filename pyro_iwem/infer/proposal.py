@@ -1,6 +1,7 @@
 """The P-step loss of IWEM as a Pyro ELBO-style loss."""
 
 import torch
+from pyro.infer import ELBO
 
 from .objectives import iwae_objective, optimal_proposal_objective
 from .traces import ParticleSampler, theta_and_phi
@@ -37,7 +38,7 @@ class SamplerCache:
         return self._samplers[key]
 
 
-class OptimalProposalLoss(SamplerCache):
+class OptimalProposalLoss(ELBO):
     r"""IWEM's optimal P-step loss, usable as a Pyro loss with :class:`pyro.infer.SVI`.
 
     .. math::
@@ -60,14 +61,21 @@ class OptimalProposalLoss(SamplerCache):
     """
 
     def __init__(self, num_particles=50, proposal="optimal", max_plate_nesting=None, data_plate=None):
-        super().__init__(max_plate_nesting, data_plate)
-        self.num_particles = check_num_particles("num_particles", num_particles)
+        super().__init__(num_particles=check_num_particles("num_particles", num_particles), vectorize_particles=True)
         self.proposal = proposal
         self.objective = proposal_objective(proposal)
+        self._samplers = SamplerCache(max_plate_nesting, data_plate)
+
+    def sampler(self, model, guide):
+        """The :class:`ParticleSampler` this loss uses for (model, guide)."""
+        return self._samplers.sampler(model, guide)
 
     def loss_from_particles(self, particles):
         """The scaled, batch-summed loss on particles drawn with a reparameterised guide."""
         return -(particles.scale * self.objective(particles)).sum()
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("OptimalProposalLoss draws its particles with a ParticleSampler")
 
     def _particles(self, model, guide, args, kwargs):
         return self.sampler(model, guide)(self.num_particles, args, kwargs, grad_guide=True)
@@ -94,6 +102,8 @@ class OptimalProposalLoss(SamplerCache):
 def accumulate_grads(loss, params):
     """Adds ∂loss/∂p to ``p.grad`` for ``params`` only (autograd skips every other gradient)."""
     params = [p for p in params if p.requires_grad]
+    if not params or not loss.requires_grad:
+        return []
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for p, g in zip(params, grads):
         if g is not None:

@@ -94,11 +94,27 @@ class _CheckModelProposals(Messenger):
             )
 
 
+def _run_guide(guide, args, kwargs):
+    """Traces the guide; an error on data holding NaN or Inf is reported as such."""
+    try:
+        return poutine.trace(guide).get_trace(*args, **kwargs)
+    except (ValueError, RuntimeError) as error:
+        named = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
+        for name, value in named:
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"argument {name} passed to the guide contains NaN or Inf values; fill missing entries "
+                    "with any finite value and mark them with obs_mask= or pyro_iwem.observe_masked"
+                ) from error
+        raise
+
+
 def guess_max_plate_nesting(model, guide, args, kwargs):
     """The deepest plate nesting of one unvectorised run of the guide and the replayed model."""
     with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        guide_trace = _run_guide(guide, args, kwargs)
+        model = _CheckModelProposals(guide_trace)(poutine.replay(model, trace=guide_trace))
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
@@ -148,7 +164,7 @@ class ParticleSampler:
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
         with torch.set_grad_enabled(grad_guide and torch.is_grad_enabled()):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            guide_trace = _run_guide(guide, args, kwargs)
         model = _CheckModelProposals(guide_trace)(poutine.replay(vectorize(self.model), trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         return self._reduce(model_trace, guide_trace, num_particles, particle_dim, grad_guide, validate)
