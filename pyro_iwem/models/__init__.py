@@ -1,0 +1,25 @@
+"""The paper's models as Pyro model/guide pairs.
+
+Each model is an ``nn.Module`` with ``model(x, mask=None)`` (p(x, z; θ), parameters
+registered as ``"decoder"``) and ``guide(x, mask=None)`` (q(z | x; φ), registered as
+``"encoder"``), ``z_dim`` and ``sample(n)``.
+"""
+
+from .conv import ConvVAE
+from .tabular import TabularVAE
+from .vae import VAE, MLPVAE, MLPVAE2
+
+MODELS = {"mlp": MLPVAE, "mlp2": MLPVAE2, "cnn": ConvVAE, "tabular": TabularVAE}
+
+
+def build_model(name, **kwargs):
+    """Construct a model by name: ``"mlp"``, ``"mlp2"``, ``"cnn"`` or ``"tabular"``;
+    ``kwargs`` go to the constructor."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+    return cls(**kwargs)
+
+
+__all__ = ["VAE", "MLPVAE", "MLPVAE2", "ConvVAE", "TabularVAE", "MODELS", "build_model"]
