@@ -139,7 +139,7 @@ def test_batch_equals_each_datum_alone():
 
     def loss_and_grad(x, trace):
         iwem.sampler = replaying(ParticleSampler(m.model, m.guide), trace)
-        particles, loss = iwem._e_step(1.0, (x,), {})
+        _, loss = iwem._e_step(1.0, (x,), {})
         W = pyro.param("W").unconstrained()
         return loss, torch.autograd.grad(loss, W)[0]
 

@@ -1,30 +1,41 @@
-"""Inference: the trace machinery, IWEM, its P-step loss, annealing and evaluation."""
+"""Inference: the trace machinery, IWEM and its baselines, annealing and evaluation."""
 
 from .annealing import Annealing, NoAnnealing
 from .evaluation import iwae_bound
-from .iwem import IWEM
+from .iwem import IWEM, IWAEasEM
+from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
+from .methods import METHODS, build_method
 from .objectives import (
     effective_sample_size,
     iwae_objective,
     log_mean_exp,
+    normalized_weights,
     optimal_proposal_objective,
     snis_objective,
 )
-from .proposal import OptimalProposalLoss
-from .traces import ParticleSampler, Particles
+from .traces import Particles, ParticleSampler
 
 __all__ = [
-    "Annealing",
     "IWEM",
+    "METHODS",
+    "Annealing",
+    "DReGLoss",
+    "IWAELoss",
+    "IWAEasEM",
     "NoAnnealing",
     "OptimalProposalLoss",
+    "ParticleLoss",
     "ParticleSampler",
     "Particles",
+    "STLLoss",
+    "VAELoss",
+    "build_method",
     "effective_sample_size",
     "iwae_bound",
     "iwae_objective",
     "log_mean_exp",
+    "normalized_weights",
     "observe_masked",
     "optimal_proposal_objective",
     "snis_objective",

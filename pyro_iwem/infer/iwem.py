@@ -4,8 +4,8 @@ import pyro.optim
 import torch
 
 from .annealing import Annealing, NoAnnealing
+from .losses import accumulate_grads, check_num_particles, proposal_loss
 from .objectives import effective_sample_size, snis_objective
-from .proposal import OptimalProposalLoss, accumulate_grads, check_num_particles
 from .traces import theta_and_phi
 
 _PAPER_ANNEALING = object()
@@ -67,7 +67,7 @@ class IWEM:
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
-        self.proposal_loss = OptimalProposalLoss(check_num_particles("J", J), proposal, max_plate_nesting, data_plate)
+        self.proposal_loss = proposal_loss(proposal, check_num_particles("J", J), max_plate_nesting, data_plate)
         self.sampler = self.proposal_loss.sampler(model, guide)
         if optim is None:
             optim = pyro.optim.Adam({"lr": 5e-4})
@@ -103,8 +103,9 @@ class IWEM:
         gradient_step(loss, theta, self.optim)
         self.ess = effective_sample_size(particles.log_w[: self.K].detach()).mean().item()
 
-        p_particles = self.sampler(self.J, args, kwargs, grad_guide=True)
-        p_loss = self.proposal_loss.loss_from_particles(p_particles)
+        p_particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step")
+        _, phi_objective = self.proposal_loss.objectives(p_particles)
+        p_loss = self.proposal_loss.scaled(p_particles, phi_objective)
         _, phi = theta_and_phi(p_particles, theta)
         gradient_step(p_loss, phi, self.optim)
         self.p_loss = p_loss.item()
@@ -130,3 +131,26 @@ class IWEM:
         self.num_steps = int(state["num_steps"])
         self.annealing.load_state_dict(state["annealing"])
         self.optim.set_state(state["optim"])
+
+
+class IWAEasEM(IWEM):
+    r"""IWAE read as an EM algorithm (Algorithm 1): the E/M-step on θ with the snIS objective
+    of eq. (2) (α ≡ 1), then a separate P-step on φ with the IWAE loss of eq. (4).
+
+    By Proposition 1 its θ-update equals IWAE's on the same samples; it differs from IWAE
+    only in drawing fresh particles for the P-step at :math:`\theta_{t+1}`. It is
+    ``IWEM(model, guide, annealing=None, proposal="iwae")``.
+    """
+
+    def __init__(self, model, guide, K=50, J=None, optim=None, max_plate_nesting=None, data_plate=None):
+        super().__init__(
+            model,
+            guide,
+            K=K,
+            J=K if J is None else J,
+            optim=optim,
+            annealing=None,
+            proposal="iwae",
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+        )

@@ -9,13 +9,12 @@ The algorithms (:mod:`pyro_iwem.infer.objectives`) are a few lines on these tens
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import detach, scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -148,7 +147,26 @@ class ParticleSampler:
         self.data_plate = data_plate
         self._detected_plate = data_plate
 
-    def __call__(self, num_particles, args, kwargs, grad_guide=True, guide_trace=None, validate=True):
+    def __call__(
+        self,
+        num_particles,
+        args,
+        kwargs,
+        grad_guide=True,
+        guide_trace=None,
+        stop_proposal_params=False,
+        rsample_for=None,
+        validate=True,
+    ):
+        """Draws ``num_particles`` particles per datum; returns :class:`Particles`.
+
+        :param bool grad_guide: keep the guide's graph (reparameterised proposals).
+        :param guide_trace: replay these latent values instead of drawing new ones.
+        :param bool stop_proposal_params: compute log q with the guide's distribution
+            parameters detached (the path through the reparameterised z is kept).
+        :param str rsample_for: if given, every guide site must be reparameterisable; the
+            error names this algorithm.
+        """
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(self.model, self.guide, args, kwargs)
         particle_dim = -1 - self.max_plate_nesting
@@ -167,7 +185,10 @@ class ParticleSampler:
             guide_trace = _run_guide(guide, args, kwargs)
         model = _CheckModelProposals(guide_trace)(poutine.replay(vectorize(self.model), trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-        return self._reduce(model_trace, guide_trace, num_particles, particle_dim, grad_guide, validate)
+        reduce = self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
+        if validate:
+            _check_log_weights(reduce.log_w)
+        return reduce
 
     def _find_data_plate(self, model_trace):
         if self._detected_plate is None:
@@ -180,7 +201,7 @@ class ParticleSampler:
             self._detected_plate = outermost[0] if outermost else False
         return self._detected_plate or None
 
-    def _reduce(self, model_trace, guide_trace, num_particles, particle_dim, grad_guide, validate):
+    def _reduce(self, model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for):
         data_plate = self._find_data_plate(model_trace)
         frame = _data_frame(model_trace, data_plate)
         batch = frame.size if frame is not None else 1
@@ -190,7 +211,7 @@ class ParticleSampler:
 
         log_p = log_model = log_q = 0.0
         for name, site in _latent_sites(model_trace):
-            if site["is_observed"] and validate:
+            if site["is_observed"]:
                 _check_observed(name, site)
             lp = reduce(name, site, data_plate)
             log_p = log_p + lp
@@ -201,16 +222,18 @@ class ParticleSampler:
                 continue
             if name not in model_trace.nodes:
                 raise ValueError(f"guide site '{name}' does not appear in the model")
-            if grad_guide and validate and not site["fn"].has_rsample:
+            if rsample_for and not site["fn"].has_rsample:
                 raise NotImplementedError(
                     f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "
-                    "the P-step needs reparameterised proposals (score-function P-steps are not supported)"
+                    f"{rsample_for} needs reparameterised proposals (score-function gradients are not supported)"
                 )
+            if stop_proposal_params:
+                site = dict(site, fn=detach(site["fn"]))
             log_q = log_q + reduce(name, site, data_plate)
         if not isinstance(log_p, torch.Tensor):
             raise ValueError("the model has no sample site: there is nothing to weight")
         zeros = log_p.new_zeros(shape)
-        particles = Particles(
+        return Particles(
             log_p=log_p,
             log_q=_as_tensor(log_q, zeros),
             log_model_proposed=_as_tensor(log_model, zeros),
@@ -218,9 +241,6 @@ class ParticleSampler:
             model_trace=model_trace,
             guide_trace=guide_trace,
         )
-        if validate:
-            _check_log_weights(particles.log_w)
-        return particles
 
 
 def _as_tensor(value, zeros):
@@ -294,7 +314,7 @@ def _check_log_weights(log_w):
         )
 
 
-def theta_and_phi(particles: Particles, theta: Optional[set] = None):
+def theta_and_phi(particles: Particles, theta: set | None = None):
     """The unconstrained parameters the model touches (θ) and those only the guide touches (φ)."""
     theta = _param_values(particles.model_trace) if theta is None else theta
     phi = _param_values(particles.guide_trace) - theta

@@ -1,0 +1,216 @@
+r"""Pyro losses on the vectorised particle machinery: VAE, IWAE, STL, DReG and the optimal P-step.
+
+Every loss draws ``num_particles`` reparameterised particles per datum in one pass and
+defines two per-datum objectives to maximise, one whose gradient is taken for θ (the
+parameters the model touches) and one for φ (the parameters only the guide touches). The
+base class turns them into gradients with ``torch.autograd.grad``, computing only the
+gradients each group needs, so each estimator is a few lines:
+
+=====================  ===========================================  ==============================================
+loss                   θ objective                                  φ objective
+=====================  ===========================================  ==============================================
+:class:`VAELoss`       :math:`\frac1L \sum_l \log w_l` (eq. 3)       same
+:class:`IWAELoss`      :math:`\log \frac1K \sum_k w_k` (eq. 4)       same
+:class:`STLLoss`       eq. (4)                                      eq. (4) with :math:`q`'s parameters stopped
+:class:`DReGLoss`      eq. (4)                                      :math:`\sum_k \lfloor \bar w_k^2 \rfloor \log \tilde w_k`
+:class:`OptimalProposalLoss`  —                                     eq. (7)
+=====================  ===========================================  ==============================================
+
+with :math:`w_k = p(x, z_k) / q(z_k \mid x)`, :math:`\tilde w_k` the same weight with the
+guide's distribution parameters detached (the path through :math:`z_k(\phi)` kept), and
+:math:`\bar w_k` the normalised weights. All losses work with :class:`pyro.infer.SVI`.
+"""
+
+
+import torch
+from pyro.infer import ELBO
+
+from .objectives import iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective
+from .traces import ParticleSampler, theta_and_phi
+
+
+def check_num_particles(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (a number of particles), got {value!r}")
+    return value
+
+
+def accumulate_grads(loss, params):
+    """Adds ∂loss/∂p to ``p.grad`` for ``params`` only (autograd skips every other gradient)."""
+    params = [p for p in params if p.requires_grad]
+    if not params or not loss.requires_grad:
+        return []
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    return params
+
+
+class ParticleLoss(ELBO):
+    """Base class: a loss on one vectorised draw of particles, with θ and φ objectives.
+
+    Subclasses define :meth:`objectives`. ``stop_proposal_params = True`` computes
+    :math:`\\log q` with the guide's distribution parameters detached (STL, DReG).
+
+    :param int num_particles: particles per datum.
+    :param int max_plate_nesting: optional; guessed from one run otherwise.
+    :param str data_plate: the plate over data points; detected when ``None``.
+    """
+
+    stop_proposal_params = False
+
+    def __init__(self, num_particles=50, max_plate_nesting=None, data_plate=None):
+        super().__init__(num_particles=check_num_particles("num_particles", num_particles), vectorize_particles=True)
+        self._plates = (max_plate_nesting, data_plate)
+        self._samplers = {}
+
+    def sampler(self, model, guide):
+        """The :class:`ParticleSampler` of this loss for (model, guide), built once."""
+        if (model, guide) not in self._samplers:
+            self._samplers[model, guide] = ParticleSampler(model, guide, *self._plates)
+        return self._samplers[model, guide]
+
+    def objectives(self, particles):
+        """Per-datum ``(theta_objective, phi_objective)`` to maximise; either may be ``None``."""
+        raise NotImplementedError
+
+    def value(self, particles):
+        """The per-datum objective whose negative the loss reports (θ's, else φ's)."""
+        theta_objective, phi_objective = self.objectives(particles)
+        return theta_objective if theta_objective is not None else phi_objective
+
+    def scaled(self, particles, objective):
+        """``-sum_i scale * objective_i``: the batch loss of a per-datum objective."""
+        return -(particles.scale * objective).sum()
+
+    def _particles(self, model, guide, args, kwargs):
+        return self.sampler(model, guide)(
+            self.num_particles,
+            args,
+            kwargs,
+            grad_guide=True,
+            stop_proposal_params=self.stop_proposal_params,
+            rsample_for=type(self).__name__,
+        )
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError(f"{type(self).__name__} draws its particles with a ParticleSampler")
+
+    def loss(self, model, guide, *args, **kwargs):
+        """The loss as a float, without gradients."""
+        with torch.no_grad():
+            particles = self.sampler(model, guide)(self.num_particles, args, kwargs, grad_guide=False)
+            return self.scaled(particles, self.value(particles)).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """The loss as a float; accumulates θ's and φ's estimator into the params' ``.grad``."""
+        particles = self._particles(model, guide, args, kwargs)
+        self.grads_from_particles(particles)
+        return self.scaled(particles, self.value(particles)).item()
+
+    def grads_from_particles(self, particles):
+        """Accumulates this estimator's θ and φ gradients on ``particles`` into ``.grad``."""
+        theta, phi = theta_and_phi(particles)
+        theta_objective, phi_objective = self.objectives(particles)
+        if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
+            return accumulate_grads(self.scaled(particles, theta_objective), theta | phi)
+        groups = [(theta_objective, theta), (phi_objective, phi)]
+        return [p for obj, params in groups if obj is not None for p in accumulate_grads(self.scaled(particles, obj), params)]
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The loss as a differentiable tensor, for losses whose θ and φ objectives coincide
+        (for :class:`OptimalProposalLoss`, the φ objective: step the guide only)."""
+        particles = self._particles(model, guide, args, kwargs)
+        theta_objective, phi_objective = self.objectives(particles)
+        if theta_objective is not None and phi_objective is not None and theta_objective is not phi_objective:
+            raise NotImplementedError(
+                f"{type(self).__name__} uses different surrogates for θ and φ; use loss_and_grads (or SVI)"
+            )
+        return self.scaled(particles, phi_objective if theta_objective is None else theta_objective)
+
+
+class VAELoss(ParticleLoss):
+    r"""The ELBO of eq. (3) with L = ``num_particles`` samples:
+    :math:`\hat L^{VAE} = \frac1L \sum_{l=1}^L \log \frac{p(x, z_l; \theta)}{q(z_l \mid x; \phi)}`,
+    reparameterised gradients for θ and φ."""
+
+    def __init__(self, num_particles=1, max_plate_nesting=None, data_plate=None):
+        super().__init__(num_particles, max_plate_nesting, data_plate)
+
+    def objectives(self, particles):
+        elbo = particles.log_w.mean(0)
+        return elbo, elbo
+
+
+class IWAELoss(ParticleLoss):
+    r"""The IWAE bound of eq. (4),
+    :math:`\hat L^{IWAE} = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k; \theta)}{q(z_k \mid x; \phi)}`,
+    with the reparameterised gradient for θ and φ (Burda et al. 2015). Its value equals
+    Pyro's ``RenyiELBO(alpha=0)`` on the same samples."""
+
+    def objectives(self, particles):
+        bound = iwae_objective(particles)
+        return bound, bound
+
+
+class STLLoss(IWAELoss):
+    r"""IWAE with the "sticking the landing" φ-gradient (Roeder et al. 2017).
+
+    The objective is eq. (4) evaluated with :math:`\log q(z_k(\phi); \lfloor\phi\rfloor)`:
+    the guide's distribution parameters are detached, so the φ-gradient
+    :math:`\sum_k \bar w_k \, \partial_z \log \tilde w_k \, \partial_\phi z_k` drops the score
+    term :math:`\partial_\phi \log q`. The θ-gradient and the value are IWAE's. With K = 1 it
+    is the STL estimator of the ELBO gradient."""
+
+    stop_proposal_params = True
+
+
+class DReGLoss(ParticleLoss):
+    r"""IWAE with the doubly reparameterised φ-gradient (IWAE-DReG, Tucker et al. 2018).
+
+    θ: the IWAE gradient of eq. (4). φ: the surrogate
+    :math:`\sum_k \lfloor \bar w_k^2 \rfloor \log \tilde w_k`, whose gradient is
+    :math:`\sum_k \bar w_k^2 \, \partial_z \log \tilde w_k \, \partial_\phi z_k`, with
+    :math:`\tilde w_k` computed with the guide's distribution parameters detached. Unbiased
+    for the IWAE φ-gradient, with lower variance. The value reported is the IWAE bound."""
+
+    stop_proposal_params = True
+
+    def objectives(self, particles):
+        log_w = particles.log_w
+        squared = normalized_weights(log_w.detach()).pow(2)
+        return log_mean_exp(log_w), (squared * log_w).sum(0)
+
+
+class OptimalProposalLoss(ParticleLoss):
+    r"""IWEM's optimal P-step loss (eq. 7), usable on its own with :class:`pyro.infer.SVI`.
+
+    .. math::
+        -\sum_i s \, \log \frac{1}{J} \sum_{j=1}^J
+            \frac{|\log p(x_i, z_{ij}; \theta)| \; p(x_i, z_{ij}; \theta)}{q(z_{ij} \mid x_i; \phi)},
+        \qquad z_{ij} \sim q(z \mid x_i; \phi) \text{ reparameterised},
+
+    in log space, with :math:`s` the data plate's subsampling scale. The loss fits the
+    proposal only: :meth:`loss_and_grads` computes gradients for the parameters only the
+    guide touches (φ) and never for the model's (θ), so
+    ``SVI(model, guide, optim, OptimalProposalLoss())`` steps the guide alone. (Stepping θ
+    along this loss would not be IWEM; use :class:`IWEM` for the whole algorithm.)
+
+    :param int num_particles: J, the number of proposal samples per datum.
+    """
+
+    def objectives(self, particles):
+        return None, optimal_proposal_objective(particles)
+
+
+PROPOSAL_LOSSES = {"optimal": OptimalProposalLoss, "iwae": IWAELoss}
+
+
+def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None):
+    """The P-step loss called ``name``: "optimal" (eq. 7) or "iwae" (eq. 4)."""
+    try:
+        cls = PROPOSAL_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"proposal must be one of {sorted(PROPOSAL_LOSSES)}, got {name!r}") from None
+    return cls(num_particles, max_plate_nesting, data_plate)

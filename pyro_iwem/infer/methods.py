@@ -1,0 +1,76 @@
+"""The one place that maps method names to inference algorithms."""
+
+import math
+
+import pyro.optim
+from pyro.infer import SVI
+
+from .annealing import Annealing
+from .iwem import IWEM, IWAEasEM
+from .losses import DReGLoss, IWAELoss, STLLoss, VAELoss
+
+
+class SVIStep(SVI):
+    """:class:`pyro.infer.SVI` with the attributes an :class:`IWEM` step has, so that training
+    code treats every method alike (α and ESS are not defined for these methods)."""
+
+    alpha = None
+    ess = math.nan
+
+    def end_epoch(self):
+        pass
+
+    def state_dict(self):
+        return {"optim": self.optim.get_state()}
+
+    def load_state_dict(self, state):
+        self.optim.set_state(state["optim"])
+
+
+def _svi(loss_class):
+    def build(model, guide, K, J, L, optim, annealing, **plates):
+        return SVIStep(model, guide, optim, loss_class(K, **plates))
+
+    return build
+
+
+def _iwem(**options):
+    def build(model, guide, K, J, L, optim, annealing, **plates):
+        if options.get("annealing", True) is None:
+            annealing = None
+        kw = {k: v for k, v in options.items() if k != "annealing"}
+        return IWEM(model, guide, K=K, J=J, L=L, optim=optim, annealing=annealing, **kw, **plates)
+
+    return build
+
+
+METHODS = {
+    "vae": _svi(VAELoss),
+    "iwae": _svi(IWAELoss),
+    "stl": _svi(STLLoss),
+    "dreg": _svi(DReGLoss),
+    "iwae-em": lambda model, guide, K, J, L, optim, annealing, **plates: IWAEasEM(model, guide, K, J, optim, **plates),
+    "iwem": _iwem(),
+    "iwem-woo": _iwem(proposal="iwae"),
+    "iwem-woa": _iwem(annealing=None),
+}
+"""Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
+IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
+IWEM without annealing (woa)."""
+
+
+def build_method(name, model, guide, K=50, J=50, L=1, optim=None, annealing=None, **plates):
+    """The inference object for method ``name``; every one has ``step(*args) -> float``,
+    ``alpha``, ``ess``, ``end_epoch()`` and ``state_dict()``.
+
+    :param int K: particles of the E-step (IWEM), of the bound (IWAE, STL, DReG, IWAE-as-EM)
+        or of the ELBO average (VAE).
+    :param int J: P-step particles (IWEM variants; IWAE-as-EM uses K when ``J`` is ``None``).
+    :param annealing: the IWEM controller (default ``Annealing()``); ignored by methods without one.
+    :param plates: ``max_plate_nesting`` and ``data_plate``, passed on.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    optim = pyro.optim.Adam({"lr": 5e-4}) if optim is None else optim
+    annealing = Annealing() if annealing is None else annealing
+    return METHODS[name](model, guide, K, J, L, optim, annealing, **plates)
