@@ -26,7 +26,7 @@ import torch
 from pyro.infer import ELBO
 
 from .objectives import iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective
-from .traces import ParticleSampler, theta_and_phi
+from .traces import ParticleSampler, param_values, theta_and_phi
 
 
 def check_num_particles(name, value):
@@ -112,6 +112,11 @@ class ParticleLoss(ELBO):
     def grads_from_particles(self, particles):
         """Accumulates this estimator's θ and φ gradients on ``particles`` into ``.grad``."""
         theta, phi = theta_and_phi(particles)
+        if self.stop_proposal_params and theta & param_values(particles.guide_trace):
+            raise NotImplementedError(
+                f"{type(self).__name__} detaches the guide's distribution parameters, and this guide uses "
+                "model parameters: their IWAE gradient would lose its score term. Use IWAELoss."
+            )
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
             return accumulate_grads(self.scaled(particles, theta_objective), theta | phi)

@@ -63,7 +63,8 @@ def _latent_sites(trace):
         yield name, site
 
 
-def _param_values(trace):
+def param_values(trace):
+    """The unconstrained parameters (leaf tensors) a trace touched."""
     return {site["value"].unconstrained() for site in trace.nodes.values() if site["type"] == "param"}
 
 
@@ -316,6 +317,6 @@ def _check_log_weights(log_w):
 
 def theta_and_phi(particles: Particles, theta: set | None = None):
     """The unconstrained parameters the model touches (θ) and those only the guide touches (φ)."""
-    theta = _param_values(particles.model_trace) if theta is None else theta
-    phi = _param_values(particles.guide_trace) - theta
+    theta = param_values(particles.model_trace) if theta is None else theta
+    phi = param_values(particles.guide_trace) - theta
     return theta, phi
