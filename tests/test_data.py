@@ -70,7 +70,7 @@ def test_resolve_cache_dir(tmp_path, monkeypatch):
 @requires_data
 def test_checksum_table_matches_readme():
     readme = (ROOT / "README.md").read_text()
-    rows = dict(re.findall(r"^\| ([\w./-]+) \| \d+ \| ([0-9a-f]{64}) \|$", readme, re.M))
+    rows = dict(re.findall(r"^\| ([\w./-]+) \| \d+ \| ([0-9a-f]{64}) \|$", readme, re.MULTILINE))
     assert rows == CHECKSUMS
 
 
@@ -249,7 +249,7 @@ def test_split_omniglot_rule():
     arrays = {"images": images, "character": character, "drawer": drawer}
     train, valid, test = split_omniglot(arrays, seed=0)
     assert (len(train), len(valid), len(test)) == (41, 4, 15)  # floor(10% of 45) = 4 valid
-    code = lambda x: np.rint(x[:, 0].numpy() * 255).astype(int)  # noqa: E731
+    code = lambda x: np.rint(x[:, 0].numpy() * 255).astype(int)
     assert sorted(code(test) % 32) == sorted(list(range(16, 21)) * 3)
     assert np.array_equal(np.bincount(code(test) // 32), [5, 5, 5])
     train_valid = np.concatenate([code(train), code(valid)])

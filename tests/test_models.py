@@ -4,10 +4,10 @@ import pyro
 import pytest
 import scipy.stats
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
 from pyro_iwem.models import MLPVAE, MLPVAE2, ConvVAE, TabularVAE, build_model
 from pyro_iwem.models.layers import GaussianHead

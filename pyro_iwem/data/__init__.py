@@ -37,13 +37,13 @@ from .tabular import UCI_DATASETS, TableFormatError, load_csv, load_uci, standar
 
 __all__ = [
     "CHECKSUMS",
-    "DataFileError",
     "IMAGE_DATASETS",
+    "SPLITS",
+    "UCI_DATASETS",
+    "DataFileError",
     "ImageData",
     "MissingDataFileError",
-    "SPLITS",
     "TableFormatError",
-    "UCI_DATASETS",
     "build_omniglot",
     "caltech_to_row_major",
     "data_file",

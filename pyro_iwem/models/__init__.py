@@ -7,7 +7,7 @@ registered as ``"decoder"``) and ``guide(x, mask=None)`` (q(z | x; φ), register
 
 from .conv import ConvVAE
 from .tabular import TabularVAE
-from .vae import VAE, MLPVAE, MLPVAE2
+from .vae import MLPVAE, MLPVAE2, VAE
 
 MODELS = {"mlp": MLPVAE, "mlp2": MLPVAE2, "cnn": ConvVAE, "tabular": TabularVAE}
 
@@ -22,4 +22,4 @@ def build_model(name, **kwargs):
     return cls(**kwargs)
 
 
-__all__ = ["VAE", "MLPVAE", "MLPVAE2", "ConvVAE", "TabularVAE", "MODELS", "build_model"]
+__all__ = ["MLPVAE", "MLPVAE2", "MODELS", "VAE", "ConvVAE", "TabularVAE", "build_model"]

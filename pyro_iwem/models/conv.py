@@ -3,9 +3,9 @@
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from .layers import GaussianHead, Gated, apply_flat, glorot_init_
+from .layers import Gated, GaussianHead, apply_flat, glorot_init_
 from .vae import VAE
 
 #: Encoder gated convolutions ``(out_channels, kernel_size, stride, padding)`` of Tomczak &

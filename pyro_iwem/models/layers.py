@@ -1,8 +1,8 @@
 """Building blocks shared by the paper's models: MLPs, distribution heads, gated layers."""
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MLP(nn.Sequential):

@@ -1,7 +1,7 @@
 """The paper's model for (standardised, continuous) UCI data, after MIWAE."""
 
 import pyro.distributions as dist
-import torch.nn as nn
+from torch import nn
 
 from .layers import MLP, GaussianHead, StudentTHead, gaussian_mlp, glorot_init_
 from .vae import VAE

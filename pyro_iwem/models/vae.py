@@ -3,11 +3,11 @@
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pyro_iwem.infer.masked import observe_masked
 
-from .layers import MLP, glorot_init_, gaussian_mlp, init_bernoulli_bias_
+from .layers import MLP, gaussian_mlp, glorot_init_, init_bernoulli_bias_
 
 
 class VAE(nn.Module):
