@@ -6,6 +6,7 @@ from .iwem import IWEM, IWAEasEM
 from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
 from .methods import METHODS, build_method
+from .missing import ImputedInputs, ZeroFilledInputs
 from .objectives import (
     effective_sample_size,
     iwae_objective,
@@ -18,6 +19,7 @@ from .traces import Particles, ParticleSampler
 
 __all__ = [
     "IWEM",
+    "ImputedInputs",
     "METHODS",
     "Annealing",
     "DReGLoss",
@@ -30,6 +32,7 @@ __all__ = [
     "Particles",
     "STLLoss",
     "VAELoss",
+    "ZeroFilledInputs",
     "build_method",
     "effective_sample_size",
     "iwae_bound",

@@ -45,6 +45,10 @@ class IWEM:
     :param str proposal: "optimal" (eq. 7) or "iwae" (IWEM-woo, eq. 4).
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: name of the plate over data points; detected when ``None``.
+    :param guide_inputs: for data with missing entries, what the guide sees:
+        :class:`~pyro_iwem.infer.missing.ImputedInputs` gives miss-IWEM (Algorithm 3), whose
+        weights are :math:`p(x_o, z) / q(z \mid \breve x)` and whose E- and P-steps use
+        :math:`\log p(x_o, x_m, z)` with :math:`x_m` drawn from the model (eqs. 9, 10).
 
     After each step, :attr:`ess` is the E-step's effective sample size (mean over the
     batch) and :attr:`p_loss` the P-step loss.
@@ -62,12 +66,15 @@ class IWEM:
         proposal="optimal",
         max_plate_nesting=None,
         data_plate=None,
+        guide_inputs=None,
     ):
         self.model = model
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
-        self.proposal_loss = proposal_loss(proposal, check_num_particles("J", J), max_plate_nesting, data_plate)
+        self.proposal_loss = proposal_loss(
+            proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs
+        )
         self.sampler = self.proposal_loss.sampler(model, guide)
         if optim is None:
             optim = pyro.optim.Adam({"lr": 5e-4})
@@ -97,21 +104,27 @@ class IWEM:
         return particles, loss
 
     def step(self, *args, **kwargs):
-        """One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\\hat Q_\\alpha`."""
+        r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`."""
+        loss, theta = self._m_step(args, kwargs)
+        self.p_loss = self._p_step(theta, args, kwargs)
+        self.annealing.step()
+        self.num_steps += 1
+        return loss
+
+    def _m_step(self, args, kwargs):
+        # a method of its own: the E-step's particles and graph are freed before the P-step
         particles, loss = self._e_step(self.alpha, args, kwargs)
         theta, _ = theta_and_phi(particles)
         gradient_step(loss, theta, self.optim)
         self.ess = effective_sample_size(particles.log_w[: self.K].detach()).mean().item()
+        return loss.item(), theta
 
-        p_particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step")
-        _, phi_objective = self.proposal_loss.objectives(p_particles)
-        p_loss = self.proposal_loss.scaled(p_particles, phi_objective)
-        _, phi = theta_and_phi(p_particles, theta)
-        gradient_step(p_loss, phi, self.optim)
-        self.p_loss = p_loss.item()
-
-        self.annealing.step()
-        self.num_steps += 1
+    def _p_step(self, theta, args, kwargs):
+        particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step")
+        _, phi_objective = self.proposal_loss.objectives(particles)
+        loss = self.proposal_loss.scaled(particles, phi_objective)
+        _, phi = theta_and_phi(particles, theta)
+        gradient_step(loss, phi, self.optim)
         return loss.item()
 
     def evaluate_loss(self, *args, **kwargs):

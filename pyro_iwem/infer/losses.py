@@ -35,12 +35,12 @@ def check_num_particles(name, value):
     return value
 
 
-def accumulate_grads(loss, params):
+def accumulate_grads(loss, params, retain_graph=False):
     """Adds ∂loss/∂p to ``p.grad`` for ``params`` only (autograd skips every other gradient)."""
     params = [p for p in params if p.requires_grad]
     if not params or not loss.requires_grad:
         return []
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     for p, g in zip(params, grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
@@ -56,13 +56,15 @@ class ParticleLoss(ELBO):
     :param int num_particles: particles per datum.
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: the plate over data points; detected when ``None``.
+    :param guide_inputs: what the guide sees in place of the model's arguments, for data
+        with missing entries (see :mod:`pyro_iwem.infer.missing`); ``None``: the same.
     """
 
     stop_proposal_params = False
 
-    def __init__(self, num_particles=50, max_plate_nesting=None, data_plate=None):
+    def __init__(self, num_particles=50, max_plate_nesting=None, data_plate=None, guide_inputs=None):
         super().__init__(num_particles=check_num_particles("num_particles", num_particles), vectorize_particles=True)
-        self._plates = (max_plate_nesting, data_plate)
+        self._plates = (max_plate_nesting, data_plate, guide_inputs)
         self._samplers = {}
 
     def sampler(self, model, guide):
@@ -120,8 +122,11 @@ class ParticleLoss(ELBO):
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
             return accumulate_grads(self.scaled(particles, theta_objective), theta | phi)
-        groups = [(theta_objective, theta), (phi_objective, phi)]
-        return [p for obj, params in groups if obj is not None for p in accumulate_grads(self.scaled(particles, obj), params)]
+        groups = [(obj, params) for obj, params in ((theta_objective, theta), (phi_objective, phi)) if obj is not None]
+        stepped = []
+        for i, (objective, params) in enumerate(groups):  # both from one graph: keep it for the second
+            stepped += accumulate_grads(self.scaled(particles, objective), params, retain_graph=i + 1 < len(groups))
+        return stepped
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The loss as a differentiable tensor, for losses whose θ and φ objectives coincide
@@ -140,8 +145,8 @@ class VAELoss(ParticleLoss):
     :math:`\hat L^{VAE} = \frac1L \sum_{l=1}^L \log \frac{p(x, z_l; \theta)}{q(z_l \mid x; \phi)}`,
     reparameterised gradients for θ and φ."""
 
-    def __init__(self, num_particles=1, max_plate_nesting=None, data_plate=None):
-        super().__init__(num_particles, max_plate_nesting, data_plate)
+    def __init__(self, num_particles=1, max_plate_nesting=None, data_plate=None, guide_inputs=None):
+        super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs)
 
     def objectives(self, particles):
         elbo = particles.log_w.mean(0)
@@ -212,10 +217,10 @@ class OptimalProposalLoss(ParticleLoss):
 PROPOSAL_LOSSES = {"optimal": OptimalProposalLoss, "iwae": IWAELoss}
 
 
-def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None):
+def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None, guide_inputs=None):
     """The P-step loss called ``name``: "optimal" (eq. 7) or "iwae" (eq. 4)."""
     try:
         cls = PROPOSAL_LOSSES[name]
     except KeyError:
         raise ValueError(f"proposal must be one of {sorted(PROPOSAL_LOSSES)}, got {name!r}") from None
-    return cls(num_particles, max_plate_nesting, data_plate)
+    return cls(num_particles, max_plate_nesting, data_plate, guide_inputs)

@@ -8,6 +8,7 @@ from pyro.infer import SVI
 from .annealing import Annealing
 from .iwem import IWEM, IWAEasEM
 from .losses import DReGLoss, IWAELoss, STLLoss, VAELoss
+from .missing import ImputedInputs, ZeroFilledInputs
 
 
 class SVIStep(SVI):
@@ -27,9 +28,9 @@ class SVIStep(SVI):
         self.optim.set_state(state["optim"])
 
 
-def _svi(loss_class):
+def _svi(loss_class, **options):
     def build(model, guide, K, J, L, optim, annealing, **plates):
-        return SVIStep(model, guide, optim, loss_class(K, **plates))
+        return SVIStep(model, guide, optim, loss_class(K, **options, **plates))
 
     return build
 
@@ -53,10 +54,14 @@ METHODS = {
     "iwem": _iwem(),
     "iwem-woo": _iwem(proposal="iwae"),
     "iwem-woa": _iwem(annealing=None),
+    "miss-iwae": _svi(IWAELoss, guide_inputs=ZeroFilledInputs()),
+    "miss-iwem": _iwem(guide_inputs=ImputedInputs()),
+    "miss-iwem-woa": _iwem(annealing=None, guide_inputs=ImputedInputs()),
 }
 """Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
 IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
-IWEM without annealing (woa)."""
+IWEM without annealing (woa); for data with missing entries, called as ``model(x, mask)``:
+missIWAE, miss-IWEM (Algorithm 3) and miss-IWEM without annealing."""
 
 
 def build_method(name, model, guide, K=50, J=50, L=1, optim=None, annealing=None, **plates):

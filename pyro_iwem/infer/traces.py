@@ -16,7 +16,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import is_validation_enabled, site_is_subsample
 
 PARTICLE_PLATE = "_iwem_particles"
 
@@ -109,10 +109,14 @@ def _run_guide(guide, args, kwargs):
         raise
 
 
-def guess_max_plate_nesting(model, guide, args, kwargs):
-    """The deepest plate nesting of one unvectorised run of the guide and the replayed model."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = _run_guide(guide, args, kwargs)
+def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
+    """The deepest plate nesting of one unvectorised run of the guide and the replayed model.
+
+    Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
+    guide_args = args if guide_args is None else guide_args
+    guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng():
+        guide_trace = _run_guide(guide, guide_args, guide_kwargs)
         model = _CheckModelProposals(guide_trace)(poutine.replay(model, trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims = [
@@ -135,15 +139,24 @@ class ParticleSampler:
     :param str data_plate: the name of the plate over data points whose dimension is kept
         (weights are normalised per datum). ``None`` detects it: the outermost plate that
         encloses every sample site of the model. A model with no such plate is one datum.
+    :param guide_inputs: optional ``f(model, guide, args, kwargs) -> (args, kwargs)``, the
+        guide's inputs, computed once per call outside the particle plate (the model
+        still sees ``args``): :class:`~pyro_iwem.infer.missing.ImputedInputs` for
+        miss-IWEM's proposal, :class:`~pyro_iwem.infer.missing.ZeroFilledInputs` for missIWAE's.
+    :param bool validate_model: keep Pyro's distribution validation on every call; by
+        default it runs on the first call only (when Pyro's validation is enabled).
 
     Calling the sampler returns :class:`Particles`. With ``grad_guide=False`` the guide
     runs under ``torch.no_grad()`` (proposal detached, as the E-step needs); the model
     always runs with the caller's grad mode.
     """
 
-    def __init__(self, model, guide, max_plate_nesting=None, data_plate=None):
+    def __init__(self, model, guide, max_plate_nesting=None, data_plate=None, guide_inputs=None, validate_model=False):
         self.model = model
+        self.validate_model = validate_model
+        self._validated = False
         self.guide = guide
+        self.guide_inputs = guide_inputs
         self.max_plate_nesting = max_plate_nesting
         self.data_plate = data_plate
         self._detected_plate = data_plate
@@ -168,8 +181,25 @@ class ParticleSampler:
         :param str rsample_for: if given, every guide site must be reparameterisable; the
             error names this algorithm.
         """
+        guide_args, guide_kwargs = args, kwargs
+        if self.guide_inputs is not None:
+            guide_args, guide_kwargs = self.guide_inputs(self.model, self.guide, args, kwargs)
         if self.max_plate_nesting is None:
-            self.max_plate_nesting = guess_max_plate_nesting(self.model, self.guide, args, kwargs)
+            self.max_plate_nesting = guess_max_plate_nesting(
+                self.model, self.guide, args, kwargs, guide_args, guide_kwargs
+            )
+        # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
+        # and the sampler's own checks (finite data, log weights) remain.
+        with pyro.validation_enabled(is_validation_enabled() and (self.validate_model or not self._validated)):
+            particles = self._draw(num_particles, args, kwargs, guide_args, guide_kwargs, guide_trace,
+                                   grad_guide, stop_proposal_params, rsample_for)
+        self._validated = True
+        if validate:
+            _check_log_weights(particles.log_w)
+        return particles
+
+    def _draw(self, num_particles, args, kwargs, guide_args, guide_kwargs, guide_trace, grad_guide,
+              stop_proposal_params, rsample_for):
         particle_dim = -1 - self.max_plate_nesting
 
         def vectorize(fn):
@@ -183,13 +213,10 @@ class ParticleSampler:
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
         with torch.set_grad_enabled(grad_guide and torch.is_grad_enabled()):
-            guide_trace = _run_guide(guide, args, kwargs)
+            guide_trace = _run_guide(guide, guide_args, guide_kwargs)
         model = _CheckModelProposals(guide_trace)(poutine.replay(vectorize(self.model), trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-        reduce = self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
-        if validate:
-            _check_log_weights(reduce.log_w)
-        return reduce
+        return self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
 
     def _find_data_plate(self, model_trace):
         if self._detected_plate is None:
