@@ -1,0 +1,15 @@
+"""The ``pyro-iwem`` command line: train, evaluate, tabulate and sweep the paper's experiments.
+
+* :mod:`.cli` -- argument parsing and one-line errors (``pyro-iwem``, ``python -m pyro_iwem``);
+* :mod:`.train` -- :class:`~.train.Trainer`, the epoch loop with validation, early stopping,
+  checkpoints and the final test log-likelihood;
+* :mod:`.checkpoint` -- atomic files, run state (parameters, optimiser, annealing, RNG);
+* :mod:`.evaluate` -- the test log-likelihood of a run's best parameters;
+* :mod:`.table` -- Table-1-style summaries of many runs;
+* :mod:`.sweep` -- grids of runs, each a subprocess, resumable;
+* :mod:`.images` -- PNG sample grids and learning curves.
+"""
+
+from .errors import RunError
+
+__all__ = ["RunError"]

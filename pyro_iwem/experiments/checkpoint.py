@@ -1,0 +1,167 @@
+"""Atomic files and the state a resumed run needs to continue exactly.
+
+Every file of a run directory is written to a temporary file in the same directory and
+renamed over its target with :func:`os.replace`, so an interrupted write leaves either
+the old file or the new one, never a partial one.
+"""
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import random
+import tempfile
+
+import numpy as np
+import pyro
+import torch
+
+#: File names inside a run directory.
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.json"
+SAMPLES = "samples.png"
+CURVE = "curve.png"
+RUN_FILES = (CHECKPOINT, BEST, METRICS, SAMPLES, CURVE)
+
+#: Bumped when the checkpoint layout changes incompatibly.
+CHECKPOINT_FORMAT = 1
+
+
+def _file_mode():
+    """The mode of a newly created file under the current umask (``mkstemp`` uses 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, _file_mode())
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save(obj, path)``, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _finite_or_none(value):
+    """NaN and infinities as ``None`` (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def atomic_write_json(obj, path):
+    """Write ``obj`` as indented JSON (NaN written as ``null``), atomically."""
+    text = json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, default=_json_default)
+    with atomic_path(path) as tmp:
+        pathlib.Path(tmp).write_text(text + "\n")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def torch_load(path, map_location=None):
+    """Load a file this package wrote (it holds RNG states and plain Python objects, so
+    ``weights_only`` loading does not apply)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# --- random number generators ---------------------------------------------------------
+def rng_state():
+    """The states of every generator a training step may draw from."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states])
+
+
+# --- parameters --------------------------------------------------------------------------
+def module_param_names(model):
+    """Param-store names under which ``pyro.module(name, child)`` registers the parameters
+    of the direct children of ``model`` (e.g. ``decoder$$$0.weight``)."""
+    from pyro.params.param_store import param_with_module_name
+
+    return {
+        param_with_module_name(child_name, name)
+        for child_name, child in model.named_children()
+        for name, _ in child.named_parameters()
+    }
+
+
+def restore_parameters(model, model_state, param_store_state):
+    """Load ``model_state`` into ``model`` in place and refill Pyro's param store.
+
+    Parameters that ``pyro.module`` registers from ``model``'s children are restored via the
+    module (in place, so the module and the param store keep sharing one tensor; the next
+    ``pyro.module`` call registers them again under the same names); any other parameter of
+    the saved store (plain ``pyro.param`` sites) is put back into the store.
+    """
+    model.load_state_dict(model_state)
+    store = pyro.get_param_store()
+    store.clear()
+    from_modules = module_param_names(model)
+    params = {k: v for k, v in param_store_state["params"].items() if k not in from_modules}
+    if params:
+        device = next(model.parameters()).device
+        params = {k: v.detach().to(device).requires_grad_() for k, v in params.items()}
+        constraints = {k: v for k, v in param_store_state["constraints"].items() if k in params}
+        store.set_state({"params": params, "constraints": constraints})
+
+
+def clone_state_dict(model):
+    """A detached copy of ``model.state_dict()`` on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

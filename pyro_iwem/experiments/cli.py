@@ -1,0 +1,303 @@
+"""The ``pyro-iwem`` command line (also ``python -m pyro_iwem``).
+
+Subcommands: ``train``, ``evaluate``, ``table`` and ``sweep``. Bad arguments, a missing or
+corrupt data file and a run directory in the way are reported as one line on stderr with
+exit status 2.
+"""
+
+import argparse
+import pathlib
+import sys
+
+from pyro_iwem.data import DataFileError
+from pyro_iwem.infer import METHODS
+
+from .errors import RunError
+from .setup import DATASETS, METHOD_ORDER, MODELS, TRAIN_DEFAULTS
+
+PROG = "pyro-iwem"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types -----------------------------------------------------------------------
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def list_of(item_type):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return [item_type(t) for t in items]
+
+    parse.__name__ = f"list of {item_type.__name__}"
+    return parse
+
+
+def one_of(choices, what):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
+# --- options ------------------------------------------------------------------------------
+def _default(key):
+    value = TRAIN_DEFAULTS[key]
+    return "all" if value is None else value
+
+
+#: ``train`` options that ``sweep`` passes on to every run unchanged: ``(flag, argparse kwargs)``.
+FORWARDED_OPTIONS = (
+    ("--epochs", {"type": positive_int, "help": f"maximum number of epochs (default {_default('epochs')})"}),
+    ("--batch-size", {"type": positive_int, "help": f"training batch size (default {_default('batch_size')})"}),
+    ("--lr", {"type": positive_float, "help": f"Adam learning rate (default {_default('lr')})"}),
+    ("--patience", {"type": positive_int, "help": "stop after this many epochs without a validation gain, "
+                        f"not counting epochs with α < 1 (default {_default('patience')})"}),
+    ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')})"}),
+    ("--eval-K", {"type": positive_int, "help": f"samples of the test IWAE bound (default {_default('eval_K')})"}),
+    ("--eval-batch-size", {"type": positive_int, "help": f"batch size of validation and test (default {_default('eval_batch_size')})"}),
+    ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),
+    ("--max-eval", {"type": positive_int, "help": "use only the first N validation and test images (default all)"}),
+    ("--data-seed", {"type": nonneg_int, "help": "seed of the data's fixed random choices, e.g. the one-off "
+                         f"binarisation of dynamic MNIST's test set (default {_default('data_seed')})"}),
+    ("--data-root", {"metavar": "DIR", "help": "data directory (default: $PYRO_IWEM_DATA, else shared/data nearby)"}),
+    ("--device", {"choices": ("auto", "cpu", "cuda"), "help": "auto: cuda when available (default auto)"}),
+    ("--threads", {"type": positive_int, "help": "torch intra-op threads (default: torch's)"}),
+    ("--quiet", {"action": "store_true", "default": False, "help": "no progress bars and per-epoch lines"}),
+)
+
+
+def _add(parser, flag, kwargs):
+    kwargs = dict(kwargs)
+    if kwargs.get("action") is None:
+        kwargs.setdefault("default", None)
+    parser.add_argument(flag, **kwargs)
+
+
+def add_train_parser(subparsers):
+    p = subparsers.add_parser(
+        "train",
+        help="train one model with one method, then evaluate it",
+        description="Train a model on a binary image data set with one inference method "
+        "(the paper's protocol, §5: Adam, batch 100, α +0.01 per epoch, early stopping), "
+        "checkpointing every epoch; then the test log-likelihood (IWAE bound, --eval-K "
+        "samples) of the best-validation parameters, metrics.json, samples.png and curve.png "
+        "in --out. Omitted options take the checkpoint's values with --resume.",
+    )
+    p.add_argument("--dataset", type=one_of(DATASETS, "dataset"), help=f"one of {', '.join(DATASETS)} (required)")
+    p.add_argument("--model", type=one_of(MODELS, "model"), help=f"one of {', '.join(MODELS)} (default mlp)")
+    p.add_argument("--method", type=one_of(tuple(METHODS), "method"), help=f"one of {', '.join(METHOD_ORDER)} (default iwem)")
+    p.add_argument("--K", type=positive_int, help="importance samples (E-step, or the bound's) (default 50)")
+    p.add_argument("--J", type=positive_int, help="P-step samples (IWEM variants, IWAE-EM) (default 50)")
+    p.add_argument("--seed", type=nonneg_int, help="seed of initialisation, batches and sampling (default 1234)")
+    for flag, kwargs in FORWARDED_OPTIONS:
+        _add(p, flag, kwargs)
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (start fresh if none)")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in RUN_DIR")
+    p.set_defaults(func=cmd_train)
+
+
+def add_evaluate_parser(subparsers):
+    p = subparsers.add_parser(
+        "evaluate",
+        help="recompute the test log-likelihood of a run's best parameters",
+        description="Reload RUN_DIR/best.pt, recompute the test log-likelihood (IWAE bound with "
+        "--K samples, seeded with the run's seed) and record it as test_ll_K<K> in metrics.json.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--K", type=positive_int, default=5000, help="samples of the IWAE bound (default 5000)")
+    p.add_argument("--data-root", metavar="DIR", help="data directory (default: the run's, $PYRO_IWEM_DATA, ...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=positive_int, help="test batch size (default: the run's)")
+    p.add_argument("--seed", type=nonneg_int, help="seed of the samples (default: the run's)")
+    p.add_argument("--threads", type=positive_int)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_table_parser(subparsers):
+    p = subparsers.add_parser(
+        "table",
+        help="tabulate finished runs (Table 1 style)",
+        description="Read metrics.json of the given run directories (parent directories are "
+        "searched recursively) and print mean ± std (n) over seeds: rows methods in the paper's "
+        "order, columns data sets (and models); then the mean wall-clock time per run.",
+    )
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p.add_argument("--metric", default="test_ll", help="a numeric key of metrics.json (default test_ll)")
+    p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
+    p.set_defaults(func=cmd_table)
+
+
+def add_sweep_parser(subparsers):
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a grid of trainings, each as a subprocess, then tabulate",
+        description="Run every combination of --datasets, --models, --methods, --K-grid, "
+        "--J-grid and --seeds as `python -m pyro_iwem train ... --out "
+        "SWEEP_DIR/<dataset>-<model>-<method>-K<K>-J<J>-s<seed> --resume`, skipping finished "
+        "runs (metrics.json exists) and resuming interrupted ones; then write SWEEP_DIR/table.md. "
+        "Methods without J (vae, iwae, stl, dreg) run with the first J only.",
+    )
+    p.add_argument("--methods", type=list_of(one_of(tuple(METHODS), "method")), required=True, help="e.g. iwae,iwem")
+    p.add_argument("--datasets", type=list_of(one_of(DATASETS, "dataset")), required=True, help="e.g. static-mnist")
+    p.add_argument("--models", type=list_of(one_of(MODELS, "model")), default=["mlp"], help="(default mlp)")
+    p.add_argument("--seeds", type=list_of(nonneg_int), default=[1234], help="e.g. 1,2,3 (default 1234)")
+    p.add_argument("--K-grid", type=list_of(positive_int), help="e.g. 1,5,10,20,50,70 (default: --K)")
+    p.add_argument("--J-grid", type=list_of(positive_int), help="(default: --J)")
+    p.add_argument("--K", type=positive_int, default=50, help="K when there is no --K-grid (default 50)")
+    p.add_argument("--J", type=positive_int, default=50, help="J when there is no --J-grid (default 50)")
+    for flag, kwargs in FORWARDED_OPTIONS:
+        _add(p, flag, kwargs)
+    p.add_argument("--out", required=True, metavar="SWEEP_DIR")
+    p.add_argument("--metric", default="test_ll", help="the metric of the final table (default test_ll)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.set_defaults(func=cmd_sweep)
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog=PROG,
+        description="IWEM (Kim, Hwang & Kim, AISTATS 2020) and its baselines as Pyro inference "
+        "algorithms: train, evaluate, tabulate and sweep the paper's experiments.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+    add_table_parser(subparsers)
+    add_sweep_parser(subparsers)
+    return parser
+
+
+def forwarded_argv(args):
+    """The :data:`FORWARDED_OPTIONS` given in ``args``, as command-line arguments."""
+    argv = []
+    for flag, kwargs in FORWARDED_OPTIONS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if kwargs.get("action") == "store_true":
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+# --- commands -----------------------------------------------------------------------------
+def cmd_train(args):
+    from .train import Trainer, summary_line
+
+    trainer = Trainer(args)
+    try:
+        trainer.prepare()
+    except ValueError as e:  # raised while building data, model or method from the arguments
+        raise RunError(str(e)) from None
+    metrics = trainer.run()
+    print(summary_line(metrics, trainer.run_dir), flush=True)
+    return 0
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate_run
+
+    test_ll, metrics, seconds = evaluate_run(
+        args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads
+    )
+    where = "recorded in metrics.json" if metrics is not None else "no metrics.json to record it in"
+    print(f"{args.run_dir}: test LL {test_ll:.3f} nats (K={args.K}, {seconds:.1f} s; {where})", flush=True)
+    return 0
+
+
+def cmd_table(args):
+    from .checkpoint import atomic_path
+    from .table import table_of_paths
+
+    table = table_of_paths(args.paths, metric=args.metric, fmt=args.format)
+    print(table)
+    if args.output:
+        with atomic_path(args.output) as tmp:
+            pathlib.Path(tmp).write_text(table + "\n")
+    return 0
+
+
+def cmd_sweep(args):
+    from .sweep import run_sweep, sweep_runs
+
+    runs = sweep_runs(
+        args.datasets, args.models, args.methods, args.seeds, args.K_grid or [args.K], args.J_grid or [args.J]
+    )
+    failed = run_sweep(
+        runs, args.out, forwarded_argv(args), dry_run=args.dry_run, fail_fast=args.fail_fast, metric=args.metric
+    )
+    return 1 if failed else 0
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0 ok, 1 failed runs or a diverged
+    training, 2 bad arguments or data, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line argument error (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    prog = f"{PROG} {args.command}"
+    try:
+        return args.func(args)
+    except RunError as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except DataFileError as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + ("; continue with --resume" if args.command == "train" else ""), file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What a run is made of: its configuration, data, model and inference method."""
+
+import os
+
+import pyro.optim
+import torch
+
+from pyro_iwem.data import load_images, resolve_data_root
+from pyro_iwem.data.files import DATA_ENV_VAR
+from pyro_iwem.infer import Annealing, build_method
+from pyro_iwem.models import build_model
+
+from .errors import RunError
+
+DATASETS = ("static-mnist", "dynamic-mnist", "omniglot", "caltech101", "digits-8x8")
+MODELS = ("mlp", "mlp2", "cnn")
+#: The paper's order of methods (Table 1).
+METHOD_ORDER = ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem")
+#: Methods that use J (the others draw only K particles).
+USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa")
+
+#: Settings that define a run: a resumed run must have the same values.
+CONFIG_KEYS = (
+    "dataset",
+    "model",
+    "method",
+    "K",
+    "J",
+    "lr",
+    "batch_size",
+    "seed",
+    "data_seed",
+    "max_train",
+    "max_eval",
+    "valid_K",
+    "eval_batch_size",
+)
+
+#: Defaults of the ``train`` options (the paper's protocol, §5). The parser's defaults are
+#: ``None`` so that ``--resume`` can tell given options from omitted ones: omitted options
+#: take the checkpoint's values when resuming and these defaults otherwise.
+TRAIN_DEFAULTS = {
+    "dataset": None,
+    "model": "mlp",
+    "method": "iwem",
+    "K": 50,
+    "J": 50,
+    "epochs": 1500,
+    "batch_size": 100,
+    "lr": 5e-4,
+    "seed": 1234,
+    "data_seed": 1234,
+    "device": "auto",
+    "max_train": None,
+    "max_eval": None,
+    "eval_K": 5000,
+    "valid_K": 100,
+    "eval_batch_size": 100,
+    "patience": 50,
+    "threads": None,
+    "data_root": None,
+}
+
+# Our models have one plate over data points, named "data". Passing this explicitly spares
+# the samplers a guessing run of the guide, which would draw random numbers at the first
+# step (and so at a different moment in a resumed run than in an uninterrupted one).
+PLATES = {"max_plate_nesting": 1, "data_plate": "data"}
+
+
+def run_config(args):
+    """The :data:`CONFIG_KEYS` of parsed arguments, as a plain dict."""
+    return {key: getattr(args, key) for key in CONFIG_KEYS}
+
+
+def data_root(root=None):
+    """The data root: ``root``, else ``$PYRO_IWEM_DATA``, else :func:`resolve_data_root`."""
+    if root is None:
+        root = os.environ.get(DATA_ENV_VAR) or None
+    return resolve_data_root(root)
+
+
+def resolve_device(name):
+    """A :class:`torch.device` (``"auto"``: CUDA if available, else the CPU); :class:`RunError`
+    if CUDA is asked for but not available."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was given but CUDA is not available (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise RunError(f"bad --device {name!r}: {e}") from None
+
+
+def load_data(config, root=None):
+    """The config's :class:`~pyro_iwem.data.ImageData` (may raise ``DataFileError``)."""
+    return load_images(
+        config["dataset"],
+        data_root(root),
+        max_train=config["max_train"],
+        max_eval=config["max_eval"],
+        seed=config["data_seed"],
+    )
+
+
+def make_model(config, data, device):
+    """The config's model for ``data``, on ``device``."""
+    name = config["model"]
+    if name == "cnn":
+        model = build_model(name, image_shape=data.image_shape)
+    else:
+        model = build_model(name, x_dim=data.num_pixels, train_mean=data.train_mean())
+    return model.to(device)
+
+
+def make_method(config, model):
+    """The config's inference method, with Adam and the paper's per-epoch annealing."""
+    return build_method(
+        config["method"],
+        model.model,
+        model.guide,
+        K=config["K"],
+        J=config["J"],
+        optim=pyro.optim.Adam({"lr": config["lr"]}),
+        annealing=Annealing(0.01, every=1, unit="epoch"),
+        **PLATES,
+    )
+
+
+def run_name(dataset, model, method, K, J, seed):
+    """The directory name of one run of a sweep."""
+    return f"{dataset}-{model}-{method}-K{K}-J{J}-s{seed}"

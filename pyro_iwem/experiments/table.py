@@ -1,0 +1,205 @@
+"""Table-1-style summaries of finished runs (their ``metrics.json``).
+
+Rows are methods in the paper's order (with K and J when a method was run with several),
+columns data sets (and models, when the runs use several); a cell is ``mean ± std (n)``
+over the runs (seeds) that share its row and column. A second table gives the mean
+wall-clock seconds per run.
+"""
+
+import csv
+import io
+import math
+import pathlib
+import statistics
+
+from .checkpoint import METRICS, read_json
+from .errors import RunError
+from .setup import DATASETS, METHOD_ORDER, MODELS, USES_J
+
+
+def find_metrics(paths):
+    """``[(path, metrics)]`` of the ``metrics.json`` files named by ``paths``: a file, a run
+    directory, or any parent directory (searched recursively). Sorted by path, no repeats."""
+    found = set()
+    for path in map(pathlib.Path, paths):
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(p.resolve() for p in path.rglob(METRICS) if p.is_file())
+        else:
+            raise RunError(f"{path} does not exist")
+    records = []
+    for path in sorted(found):
+        try:
+            records.append((path, read_json(path)))
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot read {path}: {e}") from None
+    return records
+
+
+def _order(value, order):
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def _row_key(m, with_particles):
+    if not with_particles:
+        return (m["method"], None, None)
+    return (m["method"], m.get("K"), m.get("J") if m["method"] in USES_J else None)
+
+
+def _row_label(key):
+    method, K, J = key
+    if K is None:
+        return method
+    return f"{method} K={K}" + (f" J={J}" if J is not None else "")
+
+
+def _row_sort(key):
+    method, K, J = key
+    return (_order(method, METHOD_ORDER), K or 0, J or 0)
+
+
+def _col_key(m, with_model):
+    return (m["dataset"], m.get("model") if with_model else None)
+
+
+def _col_label(key):
+    dataset, model = key
+    return dataset if model is None else f"{dataset} / {model}"
+
+
+def _col_sort(key):
+    return (_order(key[0], DATASETS), _order(key[1], MODELS) if key[1] else (0, ""))
+
+
+def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=None):
+    """Group runs into cells. Rows carry K and J when ``with_particles`` is true (default:
+    when some method was run with several values), columns the model when ``with_model`` is
+    true (default: when the runs use several models).
+
+    :returns: ``(rows, cols, cells, skipped)``: sorted row and column keys, a dict
+        ``(row, col) -> {"values": [...], "wall": [...]}`` and the number of runs without
+        a finite ``metric``.
+    """
+    runs = []
+    skipped = 0
+    for m in metrics_list:
+        value = m.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            skipped += 1
+            continue
+        runs.append(m)
+    combos = {}
+    for m in runs:
+        combos.setdefault(m["method"], set()).add(_row_key(m, True)[1:])
+    if with_particles is None:
+        with_particles = any(len(c) > 1 for c in combos.values())
+    if with_model is None:
+        with_model = len({m.get("model") for m in runs}) > 1
+    cells = {}
+    for m in runs:
+        cell = cells.setdefault((_row_key(m, with_particles), _col_key(m, with_model)), {"values": [], "wall": []})
+        cell["values"].append(float(m[metric]))
+        if isinstance(m.get("wall_seconds"), (int, float)):
+            cell["wall"].append(float(m["wall_seconds"]))
+    rows = sorted({r for r, _ in cells}, key=_row_sort)
+    cols = sorted({c for _, c in cells}, key=_col_sort)
+    return rows, cols, cells, skipped
+
+
+def mean_std(values):
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return mean, std
+
+
+def format_cell(values, digits=2):
+    """``"mean ± std (n)"``; ``"mean (1)"`` for a single run."""
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} ({len(values)})"
+
+
+def format_seconds(seconds):
+    if seconds < 600:
+        return f"{seconds:.0f} s"
+    if seconds < 36000:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _markdown(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_table(metrics_list, metric="test_ll", fmt="markdown"):
+    """The table of ``metrics_list`` (dicts from ``metrics.json``) as a string."""
+    rows, cols, cells, skipped = summarize(metrics_list, metric, *((True, True) if fmt == "csv" else (None, None)))
+    if not cells:
+        raise RunError(f"no run has a finite {metric!r} in its metrics")
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["method", "K", "J", "dataset", "model", "metric", "mean", "std", "n", "wall_seconds_mean"])
+        for r in rows:
+            for c in cols:
+                if (r, c) in cells:
+                    cell = cells[r, c]
+                    mean, std = mean_std(cell["values"])
+                    wall = statistics.fmean(cell["wall"]) if cell["wall"] else math.nan
+                    row = [r[0], r[1], r[2], c[0], c[1], metric, mean, std, len(cell["values"]), wall]
+                    writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
+        return buf.getvalue().rstrip("\n")
+    if fmt != "markdown":
+        raise RunError(f"unknown table format {fmt!r}; use markdown or csv")
+
+    header = ["method"] + [_col_label(c) for c in cols]
+    body = [[_row_label(r)] + [format_cell(cells[r, c]["values"]) if (r, c) in cells else "" for c in cols] for r in rows]
+    wall = [
+        [_row_label(r)]
+        + [format_seconds(statistics.fmean(cells[r, c]["wall"])) if (r, c) in cells and cells[r, c]["wall"] else "" for c in cols]
+        for r in rows
+    ]
+    what = "test log-likelihood, nats" if metric.startswith("test_ll") else "nats" if metric.endswith("_ll") else ""
+    parts = [
+        f"**{metric}**" + (f" ({what})" if what else "") + ": mean ± std (number of runs)",
+        "",
+        _markdown(header, body),
+        "",
+        "**wall-clock time per run** (mean)",
+        "",
+        _markdown(header, wall),
+    ]
+    settings = _settings(metrics_list)
+    if settings:
+        parts += ["", settings]
+    notes = sorted({(m["dataset"], m["note"]) for m in metrics_list if m.get("note")})
+    parts += [f"\nNote ({dataset}): {note}" for dataset, note in notes]
+    if skipped:
+        parts += [f"\n({skipped} run(s) without a finite {metric} left out)"]
+    return "\n".join(parts)
+
+
+def _settings(metrics_list):
+    """One line of the settings shared by all runs (or their ranges)."""
+    items = []
+    for key in ("K", "J", "eval_K", "epochs", "n_train", "batch_size", "lr"):
+        values = sorted({m[key] for m in metrics_list if m.get(key) is not None})
+        if len(values) == 1:
+            items.append(f"{key}={values[0]}")
+        elif values:
+            items.append(f"{key}={values[0]}..{values[-1]}")
+    return "Settings: " + ", ".join(items) if items else ""
+
+
+def table_of_paths(paths, metric="test_ll", fmt="markdown"):
+    """:func:`format_table` of the runs found below ``paths``."""
+    records = find_metrics(paths)
+    if not records:
+        raise RunError(f"no {METRICS} found in {', '.join(map(str, paths))}")
+    return format_table([m for _, m in records], metric, fmt)

@@ -1,0 +1,345 @@
+"""Training a model with one inference method: the epoch loop of the paper's protocol (§5).
+
+Per epoch: one pass over the shuffled training batches (``method.step``), ``method.end_epoch()``
+(the paper's per-epoch annealing), the validation IWAE bound, early stopping, and an atomic
+checkpoint from which ``--resume`` continues to exactly the result of an uninterrupted run.
+At the end: the test log-likelihood of the best-validation parameters, ``metrics.json``, a
+sample grid and the learning curve.
+"""
+
+import math
+import pathlib
+import sys
+import time
+
+import pyro
+import torch
+
+from .checkpoint import (
+    BEST,
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    CURVE,
+    METRICS,
+    RUN_FILES,
+    SAMPLES,
+    atomic_torch_save,
+    atomic_write_json,
+    clone_state_dict,
+    read_json,
+    restore_parameters,
+    rng_state,
+    set_rng_state,
+    torch_load,
+)
+from .errors import RunError, TrainingDiverged
+from .evaluate import mean_log_likelihood, test_log_likelihood
+from .images import save_image_grid, save_learning_curve
+from .setup import (
+    CONFIG_KEYS,
+    TRAIN_DEFAULTS,
+    data_root,
+    load_data,
+    make_method,
+    make_model,
+    resolve_device,
+    run_config,
+)
+
+
+def _fmt(value, spec=".2f"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+class Trainer:
+    """One training run, from parsed ``train`` arguments (see :mod:`.cli`).
+
+    :meth:`prepare` checks the run directory, loads the data, builds the model and the
+    method and, with ``resume``, restores the checkpoint; it raises :class:`RunError` or
+    :class:`~pyro_iwem.data.DataFileError` for bad arguments or missing data.
+    :meth:`run` trains and evaluates and returns the metrics.
+
+    :param args: an ``argparse.Namespace`` of the ``train`` options; options left ``None``
+        take the checkpoint's values when resuming and :data:`TRAIN_DEFAULTS` otherwise.
+    :param out: where progress lines go (default ``sys.stdout``; none with ``args.quiet``).
+    """
+
+    def __init__(self, args, out=None):
+        self.args = args
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.out_stream = out
+        self.run_dir = pathlib.Path(args.out)
+        self.checkpoint = None
+
+    def log(self, message):
+        if not self.quiet:
+            print(message, file=self.out_stream or sys.stdout, flush=True)
+
+    # --- setting up -------------------------------------------------------------------
+    def _check_run_dir(self):
+        args = self.args
+        if args.resume and args.force:
+            raise RunError("--resume and --force exclude each other")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunError(f"--out {self.run_dir} exists and is not a directory")
+        ckpt_path = self.run_dir / CHECKPOINT
+        finished = (self.run_dir / METRICS).is_file()
+        if args.force:  # the old files are removed once the new run is set up (prepare)
+            return
+        if args.resume:
+            if ckpt_path.is_file():
+                self.checkpoint = torch_load(ckpt_path, map_location="cpu")
+                if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
+                    raise RunError(f"{ckpt_path} has an unknown checkpoint format; use --force to start over")
+            elif finished:
+                raise RunError(f"{self.run_dir} holds {METRICS} but no {CHECKPOINT} to resume from; use --force to start over")
+            return
+        if finished:
+            raise RunError(
+                f"{self.run_dir} holds a finished run ({METRICS}); pass --resume to continue it "
+                "(e.g. with more --epochs) or --force to overwrite it"
+            )
+        if ckpt_path.is_file():
+            raise RunError(f"{self.run_dir} holds an interrupted run ({CHECKPOINT}); pass --resume to continue it or --force to overwrite it")
+
+    def _fill_options(self):
+        """Fill omitted options from the checkpoint (resuming) or the defaults; check that
+        the options defining the run agree with the checkpoint's."""
+        args = self.args
+        saved = self.checkpoint["args"] if self.checkpoint else {}
+        if self.checkpoint:
+            given = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
+            clash = [f"{k} {v!r} (checkpoint: {saved[k]!r})" for k, v in given.items() if saved[k] != v]
+            if clash:
+                raise RunError(
+                    f"cannot resume {self.run_dir} with different settings: {', '.join(clash)}; "
+                    "omit them or use --force to start over"
+                )
+        for key, default in TRAIN_DEFAULTS.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, saved.get(key, default))
+        if args.dataset is None:
+            raise RunError("the following arguments are required: --dataset")
+        if args.epochs < 1:
+            raise RunError(f"--epochs must be >= 1, got {args.epochs}")
+
+    def prepare(self):
+        self._check_run_dir()
+        self._fill_options()
+        args = self.args
+        self.config = run_config(args)
+        self.device = resolve_device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        self.data = load_data(self.config, args.data_root)
+        self.model = make_model(self.config, self.data, self.device)
+        self.method = make_method(self.config, self.model)
+
+        self.epoch = 0
+        self.history = []
+        self.best_valid = -math.inf
+        self.best_epoch = None
+        self.best_state = None
+        self.bad_epochs = 0
+        self.prior_seconds = 0.0
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        if args.force:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def _restore(self, ckpt):
+        restore_parameters(self.model, ckpt["model"], ckpt["param_store"])
+        self.method.load_state_dict(ckpt["method"])
+        self.epoch = ckpt["epoch"]
+        self.history = list(ckpt["history"])
+        self.best_valid = ckpt["best"]["valid_ll"]
+        self.best_epoch = ckpt["best"]["epoch"]
+        self.best_state = ckpt["best"]["model"]
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.prior_seconds = ckpt["wall_seconds"]
+        set_rng_state(ckpt["rng"])  # last: building the model above drew random numbers
+
+    # --- the loop -----------------------------------------------------------------------
+    @property
+    def done(self):
+        return self.epoch >= self.args.epochs or self.bad_epochs >= self.args.patience
+
+    def train_epoch(self):
+        """One pass over the training batches; returns ``(loss per datum, mean ESS, α)``."""
+        from tqdm.auto import tqdm
+
+        args, method = self.args, self.method
+        alpha = method.alpha
+        batches = self.data.batches("train", args.batch_size, epoch=self.epoch, seed=args.seed, device=self.device)
+        total = self.data.num_batches("train", args.batch_size)
+        bar = tqdm(
+            batches,
+            total=total,
+            desc=f"epoch {self.epoch + 1}/{args.epochs}",
+            disable=self.quiet,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        loss_sum, count, ess_sum, ess_count = 0.0, 0, 0.0, 0
+        for x in bar:
+            loss = method.step(x)
+            if not math.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(
+                    f"the training loss became {loss} in epoch {self.epoch + 1}; the checkpoint of "
+                    f"epoch {self.epoch} in {self.run_dir} is kept (try a smaller --lr)"
+                )
+            loss_sum += loss
+            count += len(x)
+            ess = method.ess
+            if ess is not None and math.isfinite(ess):
+                ess_sum += ess
+                ess_count += 1
+            postfix = {"loss": f"{loss_sum / count:.3f}"}
+            if alpha is not None:
+                postfix["α"] = f"{alpha:.2f}"
+            if ess_count:
+                postfix["ESS"] = f"{ess_sum / ess_count:.2f}"
+            bar.set_postfix(postfix, refresh=False)
+        bar.close()
+        mean_ess = ess_sum / ess_count if ess_count else math.nan
+        return loss_sum / count, mean_ess, alpha
+
+    def validate(self):
+        args = self.args
+        with torch.no_grad():
+            return mean_log_likelihood(
+                self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device
+            )
+
+    def save_checkpoint(self, wall_seconds):
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": self.config,
+                "args": self._args_dict(),
+                "epoch": self.epoch,
+                "model": self.model.state_dict(),
+                "param_store": pyro.get_param_store().get_state(),
+                "method": self.method.state_dict(),
+                "best": {"model": self.best_state, "valid_ll": self.best_valid, "epoch": self.best_epoch},
+                "bad_epochs": self.bad_epochs,
+                "history": self.history,
+                "wall_seconds": wall_seconds,
+                "rng": rng_state(),
+            },
+            self.run_dir / CHECKPOINT,
+        )
+
+    def _args_dict(self):
+        skip = {"func", "command", "resume", "force", "quiet", "out"}
+        return {k: v for k, v in vars(self.args).items() if k not in skip}
+
+    def run(self):
+        """Train until ``--epochs`` or early stopping, then evaluate; returns the metrics."""
+        args = self.args
+        start = time.perf_counter()
+        if self.done and (self.run_dir / METRICS).is_file():
+            metrics = read_json(self.run_dir / METRICS)
+            self.log(f"{self.run_dir} is already finished (epoch {self.epoch}); nothing to do")
+            return metrics
+        (self.run_dir / METRICS).unlink(missing_ok=True)  # present only for finished runs
+        if self.epoch:
+            self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
+        while not self.done:
+            epoch_start = time.perf_counter()
+            loss, ess, alpha = self.train_epoch()
+            self.method.end_epoch()
+            valid_ll = self.validate()
+            self.epoch += 1
+            improved = valid_ll > self.best_valid
+            if improved:
+                self.best_valid, self.best_epoch = valid_ll, self.epoch
+                self.best_state = clone_state_dict(self.model)
+                atomic_torch_save(
+                    {
+                        "model": self.best_state,
+                        "config": self.config,
+                        "epoch": self.epoch,
+                        "valid_ll": valid_ll,
+                        "data_root": self.args.data_root,
+                    },
+                    self.run_dir / BEST,
+                )
+                self.bad_epochs = 0
+            elif alpha is None or alpha >= 1:  # no patience is spent while annealing
+                self.bad_epochs += 1
+            seconds = time.perf_counter() - epoch_start
+            self.history.append(
+                {"epoch": self.epoch, "train_loss": loss, "valid_ll": valid_ll, "alpha": alpha, "ess": ess, "seconds": seconds}
+            )
+            self.save_checkpoint(self.prior_seconds + time.perf_counter() - start)
+            self.log(
+                f"epoch {self.epoch}/{args.epochs}  loss/datum {loss:.3f}  valid LL {valid_ll:.3f}"
+                f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  {seconds:.1f} s"
+            )
+        if self.bad_epochs >= args.patience:
+            self.log(f"early stop: no validation gain in {self.bad_epochs} epochs at α = 1")
+        return self.finish(self.prior_seconds + time.perf_counter() - start)
+
+    # --- the end --------------------------------------------------------------------------
+    def finish(self, train_wall_seconds):
+        args, data = self.args, self.data
+        eval_start = time.perf_counter()
+        if self.best_state is not None:  # None only if no validation score was finite
+            self.model.load_state_dict(self.best_state)
+        with torch.no_grad():
+            test_ll = test_log_likelihood(self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device)
+        eval_seconds = time.perf_counter() - eval_start
+        pyro.set_rng_seed(args.seed)
+        save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
+        title = f"{args.dataset} {args.model} {args.method} K={args.K} J={args.J} seed={args.seed}"
+        save_learning_curve(self.history, self.run_dir / CURVE, title)
+        sizes = data.sizes()
+        epoch_seconds = [h["seconds"] for h in self.history]
+        metrics = {
+            **self.config,
+            "test_ll": test_ll,
+            f"test_ll_K{args.eval_K}": test_ll,
+            "best_valid_ll": self.best_valid,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epoch,
+            "max_epochs": args.epochs,
+            "early_stopped": self.bad_epochs >= args.patience,
+            "patience": args.patience,
+            "eval_K": args.eval_K,
+            "n_train": sizes["train"],
+            "n_valid": sizes["valid"],
+            "n_test": sizes["test"],
+            "final_alpha": self.method.alpha,
+            "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),
+            "train_seconds": train_wall_seconds,
+            "eval_seconds": eval_seconds,
+            "wall_seconds": train_wall_seconds + eval_seconds,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "data_root": str(data_root(args.data_root)),
+            "note": data.note,
+        }
+        atomic_write_json(metrics, self.run_dir / METRICS)
+        return metrics
+
+
+def summary_line(metrics, run_dir):
+    """The one-line result of a run."""
+    m = metrics
+    return (
+        f"{m['dataset']} {m['model']} {m['method']} K={m['K']} J={m['J']} seed={m['seed']}: "
+        f"test LL {m['test_ll']:.3f} nats (K={m['eval_K']}, {m['n_test']} images); "
+        f"best valid {m['best_valid_ll']:.3f} at epoch {m['best_epoch']}/{m['epochs']}; "
+        f"{m['seconds_per_epoch']:.1f} s/epoch, wall {m['wall_seconds']:.0f} s -> {run_dir}"
+    )

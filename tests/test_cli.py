@@ -1,0 +1,302 @@
+"""The ``pyro-iwem`` command line: train, evaluate, table, sweep, resume and errors.
+
+Most tests train on a slice of scikit-learn's 8x8 digits (no data root needed); the
+static MNIST test needs the data root and is skipped without it.
+"""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from pyro_iwem.data import data_root_exists
+from pyro_iwem.experiments.checkpoint import torch_load
+from pyro_iwem.experiments.cli import main
+from pyro_iwem.experiments.images import grid_size
+from pyro_iwem.experiments.table import format_table
+
+# 2 training batches per epoch, 50 validation and 50 test images.
+TINY = ["--max-train", "200", "--max-eval", "50", "--K", "3", "--J", "3", "--eval-K", "20", "--valid-K", "5", "--device", "cpu", "--quiet"]
+DIGITS = ["--dataset", "digits-8x8", "--model", "mlp"]
+
+requires_data = pytest.mark.skipif(
+    not data_root_exists(), reason="the data root (shared/data or $PYRO_IWEM_DATA) is absent"
+)
+
+
+def train(out, *extra, method="iwem", epochs=1):
+    return main(["train", *DIGITS, "--method", method, "--epochs", str(epochs), *TINY, *extra, "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One finished 2-epoch IWEM run on digits, shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("runs") / "digits-iwem"
+    assert train(out, epochs=2) == 0
+    return out
+
+
+def one_error_line(capsys, code, expected_code=2):
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and "Traceback" not in err
+    return lines[0]
+
+
+# --- end to end ---------------------------------------------------------------------------
+def test_module_help_subprocess():
+    result = subprocess.run([sys.executable, "-m", "pyro_iwem", "--help"], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "evaluate", "table", "sweep"):
+        assert command in result.stdout
+
+
+def test_train_writes_metrics_samples_and_curve(digits_run):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    for key in ("test_ll", "best_valid_ll", "epochs", "method", "dataset", "model", "K", "J", "seed",
+                "wall_seconds", "eval_K", "n_train", "note", "test_ll_K20"):
+        assert key in metrics, key
+    assert math.isfinite(metrics["test_ll"]) and metrics["test_ll"] < 0
+    assert metrics["best_valid_ll"] < 0
+    assert (metrics["method"], metrics["dataset"], metrics["model"]) == ("iwem", "digits-8x8", "mlp")
+    assert (metrics["K"], metrics["J"], metrics["eval_K"], metrics["epochs"], metrics["n_train"]) == (3, 3, 20, 2, 200)
+    assert metrics["final_alpha"] == pytest.approx(0.02)  # annealed once per epoch
+
+    with Image.open(digits_run / "samples.png") as image:
+        image.verify()
+    with Image.open(digits_run / "samples.png") as image:
+        assert image.format == "PNG"
+        assert image.size == grid_size(64, (8, 8)) == (8 * 32 + 9 * 2,) * 2  # 8x8 images upscaled 4x
+    with Image.open(digits_run / "curve.png") as image:
+        assert image.format == "PNG"
+
+    ckpt = torch_load(digits_run / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    assert ckpt["method"]["annealing"]["count"] == 2
+    assert [h["alpha"] for h in ckpt["history"]] == [0.0, 0.01]
+    assert (digits_run / "best.pt").is_file()
+
+
+def test_train_prints_progress_and_summary(tmp_path, capsys):
+    args = [a for a in TINY if a != "--quiet"]
+    assert main(["train", *DIGITS, "--method", "vae", "--epochs", "1", *args, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "valid LL" in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("digits-8x8 mlp vae K=3") and "test LL -" in summary
+
+
+def test_evaluate_reproduces_test_ll(digits_run, capsys):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert main(["evaluate", str(digits_run), "--K", "20", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "test LL" in out
+    updated = json.loads((digits_run / "metrics.json").read_text())
+    # same parameters, K, batches and seed: the same number
+    assert updated["test_ll_K20"] == pytest.approx(metrics["test_ll"], abs=1e-6)
+    assert updated["test_ll"] == metrics["test_ll"]
+
+
+def test_table_markdown_and_csv(digits_run, capsys):
+    assert main(["table", str(digits_run.parent)]) == 0  # a parent directory, searched recursively
+    out = capsys.readouterr().out
+    assert "| method | digits-8x8 |" in out
+    assert "| iwem |" in out and "(1)" in out
+    assert "wall-clock" in out
+    assert main(["table", str(digits_run), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("method,K,J,dataset,model,metric,mean,std,n")
+    assert lines[1].startswith("iwem,3,3,digits-8x8,mlp,test_ll,") and lines[1].split(",")[7:9] == ["", "1"]
+
+
+def test_table_groups_seeds_in_paper_order():
+    runs = [
+        {"method": m, "dataset": d, "model": "mlp", "K": 50, "J": 50, "seed": s, "test_ll": v, "wall_seconds": 10.0}
+        for m, d, s, v in [
+            ("iwem", "static-mnist", 1, -88.0), ("iwem", "static-mnist", 2, -89.0), ("iwem", "static-mnist", 3, -90.0),
+            ("iwae", "static-mnist", 1, -90.0), ("vae", "caltech101", 1, -130.0),
+        ]
+    ]
+    table = format_table(runs)
+    assert "-89.00 ± 1.00 (3)" in table
+    body = [line for line in table.splitlines() if line.startswith("| ")]
+    assert body[0] == "| method | static-mnist | caltech101 |"
+    assert [line.split("|")[1].strip() for line in body[1:4]] == ["vae", "iwae", "iwem"]
+
+
+@pytest.mark.parametrize(
+    "method, model",
+    [(m, "mlp") for m in ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa")] + [("iwem", "mlp2"), ("iwem", "cnn")],
+)
+def test_every_method_and_model_trains(tmp_path, method, model):
+    out = tmp_path / "r"
+    argv = ["train", "--dataset", "digits-8x8", "--model", model, "--method", method, "--epochs", "1", *TINY,
+            "--max-train", "100", "--out", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_ll"]) and metrics["test_ll"] < 0
+    assert metrics["final_alpha"] == {"iwem": 0.01, "iwem-woo": 0.01, "iwem-woa": 1.0, "iwae-em": 1.0}.get(method)
+
+
+def test_early_stopping_waits_for_alpha_one(tmp_path):
+    # lr so small that validation only fluctuates: with α = 1 (iwem-woa) patience 1 stops
+    # after the first non-improving epoch; while annealing (iwem, α < 1) it never does.
+    common = ["--dataset", "digits-8x8", "--epochs", "8", "--patience", "1", "--lr", "1e-12", *TINY, "--max-train", "100"]
+    assert main(["train", *common, "--method", "iwem-woa", "--out", str(tmp_path / "woa")]) == 0
+    assert main(["train", *common, "--method", "iwem", "--out", str(tmp_path / "iwem")]) == 0
+    woa = json.loads((tmp_path / "woa" / "metrics.json").read_text())
+    assert woa["early_stopped"] and woa["epochs"] < 8
+    history = torch_load(tmp_path / "woa" / "checkpoint.pt")["history"]
+    valid = [h["valid_ll"] for h in history]
+    assert all(b > a for a, b in itertools.pairwise(valid[:-1])) and valid[-1] <= max(valid[:-1])
+    iwem = json.loads((tmp_path / "iwem" / "metrics.json").read_text())
+    assert not iwem["early_stopped"] and iwem["epochs"] == 8
+
+
+# --- resume -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["iwem", "iwae"])
+def test_resume_equals_uninterrupted(tmp_path, method):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(straight, method=method, epochs=2) == 0
+    assert train(resumed, method=method, epochs=1) == 0
+    # continue the finished 1-epoch run to 2 epochs, only --epochs given
+    assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--quiet"]) == 0
+
+    a, b = torch_load(straight / "checkpoint.pt"), torch_load(resumed / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["best"]["model"]:
+        assert torch.equal(a["best"]["model"][name], b["best"]["model"][name]), name
+    assert [h["valid_ll"] for h in a["history"]] == [h["valid_ll"] for h in b["history"]]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+    assert ma["test_ll"] == mb["test_ll"] and mb["epochs"] == 2
+
+
+def test_resume_finished_run_does_nothing(digits_run, capsys):
+    before = (digits_run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["train", "--out", str(digits_run), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (digits_run / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_resume_with_other_settings_is_refused(digits_run, capsys):
+    code = main(["train", "--out", str(digits_run), "--resume", "--K", "7"])
+    line = one_error_line(capsys, code)
+    assert "K 7 (checkpoint: 3)" in line
+
+
+# --- errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--dataset", "mnist", "--out", "X"], "unknown dataset 'mnist'"),
+        (["train", "--dataset", "digits-8x8", "--method", "em", "--out", "X"], "unknown method 'em'"),
+        (["train", "--dataset", "digits-8x8", "--K", "0", "--out", "X"], "must be >= 1"),
+        (["train", "--dataset", "digits-8x8", "--lr", "-1", "--out", "X"], "positive"),
+        (["train", "--dataset", "digits-8x8"], "required: --out"),
+        (["train", "--out", "{tmp}/fresh"], "required: --dataset"),
+        (["sweep", "--methods", "iwem,nope", "--datasets", "digits-8x8", "--out", "X"], "unknown method 'nope'"),
+        (["table", "{tmp}/nothing-here"], "does not exist"),
+        (["evaluate", "{tmp}"], "no best.pt"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    line = one_error_line(capsys, main(argv))
+    assert message in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(tmp_path, capsys):
+    code = main(["train", *DIGITS, "--device", "cuda", "--out", str(tmp_path / "r")])
+    assert "CUDA is not available" in one_error_line(capsys, code)
+
+
+def test_existing_finished_run_needs_resume_or_force(digits_run, tmp_path, capsys):
+    code = main(["train", *DIGITS, "--out", str(digits_run)])
+    assert "finished run" in one_error_line(capsys, code)
+    code = main(["train", *DIGITS, "--out", str(digits_run), "--resume", "--force"])
+    assert "exclude" in one_error_line(capsys, code)
+
+
+def test_force_overwrites_only_once_the_new_run_is_set_up(digits_run, tmp_path, capsys):
+    absent = str(tmp_path / "absent")
+    code = main(["train", "--dataset", "static-mnist", "--data-root", absent, "--out", str(digits_run), "--force"])
+    assert "not found" in one_error_line(capsys, code)
+    assert (digits_run / "metrics.json").is_file() and (digits_run / "checkpoint.pt").is_file()
+    out = tmp_path / "r"
+    assert train(out, method="vae") == 0
+    assert train(out, "--force", method="iwae") == 0
+    assert json.loads((out / "metrics.json").read_text())["method"] == "iwae"
+
+
+def test_missing_data_root(tmp_path, capsys):
+    code = main(["train", "--dataset", "static-mnist", "--data-root", str(tmp_path / "absent"), "--out", str(tmp_path / "r")])
+    line = one_error_line(capsys, code)
+    assert "binarized_mnist/binarized_mnist_train.amat.gz" in line and "does not exist" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_data_file(tmp_path, capsys):
+    bad = tmp_path / "root" / "binarized_mnist" / "binarized_mnist_train.amat.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not the file")
+    code = main(["train", "--dataset", "static-mnist", "--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "r")])
+    assert "is corrupt" in one_error_line(capsys, code)
+
+
+def test_env_var_data_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYRO_IWEM_DATA", str(tmp_path / "env-root"))
+    code = main(["train", "--dataset", "caltech101", "--out", str(tmp_path / "r")])
+    assert str(tmp_path / "env-root") in one_error_line(capsys, code)
+
+
+# --- sweep --------------------------------------------------------------------------------
+def test_sweep_dry_run(tmp_path, capsys):
+    argv = ["sweep", "--methods", "iwae,iwem", "--datasets", "digits-8x8", "--seeds", "1,2", "--K-grid", "5,10",
+            "--J-grid", "5,10", "--epochs", "3", "--out", str(tmp_path / "sweep"), "--dry-run"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # iwae: 2 K x 2 seeds (J unused); iwem: 2 K x 2 J x 2 seeds
+    assert len(lines) == 4 + 8
+    assert "-m pyro_iwem train --dataset digits-8x8 --model mlp --method iwae --K 5 --J 5 --seed 1 --epochs 3" in lines[0]
+    assert lines[0].endswith(f"--out {tmp_path / 'sweep' / 'digits-8x8-mlp-iwae-K5-J5-s1'} --resume")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_runs_skips_finished_and_tabulates(tmp_path, capsys):
+    argv = ["sweep", "--methods", "vae", "--datasets", "digits-8x8", "--seeds", "1", "--K", "2", "--epochs", "1",
+            "--max-train", "100", "--max-eval", "20", "--eval-K", "5", "--valid-K", "2", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "sweep")]
+    assert main(argv) == 0
+    run = tmp_path / "sweep" / "digits-8x8-mlp-vae-K2-J50-s1"
+    assert (run / "metrics.json").is_file()
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| vae |" in table and "digits-8x8" in table
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "skip (finished)" in capsys.readouterr().out
+
+
+# --- real data ----------------------------------------------------------------------------
+@requires_data
+def test_static_mnist_slice(tmp_path):
+    out = tmp_path / "mnist"
+    argv = ["train", "--dataset", "static-mnist", "--method", "iwem", "--max-train", "200", "--max-eval", "100",
+            "--K", "5", "--J", "5", "--epochs", "1", "--eval-K", "50", "--valid-K", "10", "--device", "cpu",
+            "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_ll"]) and metrics["test_ll"] < 0
+    assert metrics["n_train"] == 200 and metrics["n_test"] == 100
+    with Image.open(out / "samples.png") as image:
+        assert image.size == grid_size(64, (28, 28)) == (8 * 28 + 9 * 2,) * 2
