@@ -88,6 +88,8 @@ FORWARDED_OPTIONS = (
     ("--epochs", {"type": positive_int, "help": f"maximum number of epochs (default {_default('epochs')})"}),
     ("--batch-size", {"type": positive_int, "help": f"training batch size (default {_default('batch_size')})"}),
     ("--lr", {"type": positive_float, "help": f"Adam learning rate (default {_default('lr')})"}),
+    ("--anneal-increment", {"type": positive_float, "help": "increase of IWEM's α after each epoch, from 0 to 1 "
+                                f"(default {_default('anneal_increment')}, the paper's)"}),
     ("--patience", {"type": positive_int, "help": "stop after this many epochs without a validation gain, "
                         f"not counting epochs with α < 1 (default {_default('patience')})"}),
     ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')})"}),

@@ -27,6 +27,7 @@ CONFIG_KEYS = (
     "K",
     "J",
     "lr",
+    "anneal_increment",
     "batch_size",
     "seed",
     "data_seed",
@@ -48,6 +49,7 @@ TRAIN_DEFAULTS = {
     "epochs": 1500,
     "batch_size": 100,
     "lr": 5e-4,
+    "anneal_increment": 0.01,
     "seed": 1234,
     "data_seed": 1234,
     "device": "auto",
@@ -122,7 +124,7 @@ def make_method(config, model):
         K=config["K"],
         J=config["J"],
         optim=pyro.optim.Adam({"lr": config["lr"]}),
-        annealing=Annealing(0.01, every=1, unit="epoch"),
+        annealing=Annealing(config.get("anneal_increment", 0.01), every=1, unit="epoch"),
         **PLATES,
     )
 
