@@ -200,7 +200,7 @@ def test_resume_with_other_settings_is_refused(digits_run, capsys):
     [
         (["train", "--dataset", "mnist", "--out", "X"], "unknown dataset 'mnist'"),
         (["train", "--dataset", "digits-8x8", "--method", "em", "--out", "X"], "unknown method 'em'"),
-        (["train", "--dataset", "digits-8x8", "--K", "0", "--out", "X"], "must be >= 1"),
+        (["train", "--dataset", "digits-8x8", "--K", "0", "--out", "X"], "expected a positive integer, got 0"),
         (["train", "--dataset", "digits-8x8", "--lr", "-1", "--out", "X"], "positive"),
         (["train", "--dataset", "digits-8x8"], "required: --out"),
         (["train", "--out", "{tmp}/fresh"], "required: --dataset"),

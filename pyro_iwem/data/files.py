@@ -9,10 +9,11 @@ the *cache directory* (see :func:`resolve_cache_dir`).
 import hashlib
 import os
 import pathlib
-import tempfile
 import warnings
 
 import numpy as np
+
+from pyro_iwem.atomic import atomic_path
 
 DATA_ENV_VAR = "PYRO_IWEM_DATA"
 CACHE_ENV_VAR = "PYRO_IWEM_CACHE"
@@ -168,19 +169,10 @@ def save_npz_atomic(path, **arrays):
 
     :returns: whether the file was written.
     """
-    path = pathlib.Path(path)
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
-        ) as f:
-            tmp_name = f.name
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        os.replace(tmp_name, path)
         return True
     except OSError as e:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
         warnings.warn(f"could not write the cache file {path}: {e}", RuntimeWarning)
         return False

@@ -26,34 +26,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --- argument types -----------------------------------------------------------------------
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(convert, noun, lowest, strict=False):
+    """An argparse type: ``convert(text)``, finite and >= ``lowest`` (> with ``strict``)."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (value > lowest if strict else value >= lowest) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text}")
+        return value
+
+    return parse
 
 
-def nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+positive_int = _number(int, "a positive integer", 1)
+nonneg_int = _number(int, "a non-negative integer", 0)
+positive_float = _number(float, "a positive finite number", 0.0, strict=True)
 
 
 def list_of(item_type):
