@@ -300,3 +300,16 @@ def test_static_mnist_slice(tmp_path):
     assert metrics["n_train"] == 200 and metrics["n_test"] == 100
     with Image.open(out / "samples.png") as image:
         assert image.size == grid_size(64, (28, 28)) == (8 * 28 + 9 * 2,) * 2
+
+
+def test_evaluate_all_test_ignores_max_eval(tmp_path, capsys):
+    """A run evaluated on a slice (--max-eval 50) can be re-evaluated on the whole test split."""
+    out = tmp_path / "sliced"
+    assert train(out, "--max-eval", "50", method="vae") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 50
+    assert main(["evaluate", str(out), "--K", "20", "--all-test", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(out), "--K", "20", "--device", "cpu"]) == 0
+    updated = json.loads((out / "metrics.json").read_text())
+    assert updated["test_ll_K20"] == pytest.approx(metrics["test_ll"], abs=1e-6)  # the slice again
+    assert updated["test_ll_all_K20"] != pytest.approx(updated["test_ll_K20"], abs=1e-3)  # more images

@@ -141,6 +141,8 @@ def add_evaluate_parser(subparsers):
     p.add_argument("--batch-size", type=positive_int, help="test batch size (default: the run's)")
     p.add_argument("--seed", type=nonneg_int, help="seed of the samples (default: the run's)")
     p.add_argument("--threads", type=positive_int)
+    p.add_argument("--all-test", action="store_true",
+                   help="use the whole test split even if the run used --max-eval; recorded as test_ll_all_K<K>")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -231,7 +233,7 @@ def cmd_evaluate(args):
     from .evaluate import evaluate_run
 
     test_ll, metrics, seconds = evaluate_run(
-        args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads
+        args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads, args.all_test
     )
     where = "recorded in metrics.json" if metrics is not None else "no metrics.json to record it in"
     print(f"{args.run_dir}: test LL {test_ll:.3f} nats (K={args.K}, {seconds:.1f} s; {where})", flush=True)

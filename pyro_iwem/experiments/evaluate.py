@@ -45,17 +45,20 @@ def load_best(run_dir, device="cpu"):
     return torch_load(path, map_location=device)
 
 
-def evaluate_run(run_dir, K=5000, data_root=None, device="cpu", batch_size=None, seed=None, threads=None):
+def evaluate_run(
+    run_dir, K=5000, data_root=None, device="cpu", batch_size=None, seed=None, threads=None, all_test=False
+):
     """Recompute the test log-likelihood of a run's best parameters with K samples.
 
-    Writes ``test_ll_K{K}`` into the run's ``metrics.json`` (when it exists) and returns
-    ``(test_ll, metrics_or_None)``.
+    Writes ``test_ll_K{K}`` (``test_ll_all_K{K}`` with ``all_test``: the whole test split,
+    whatever ``--max-eval`` the run used) into the run's ``metrics.json`` (when it exists)
+    and returns ``(test_ll, metrics_or_None, seconds)``.
     """
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
     best = load_best(run_dir, device)
-    config = best["config"]
+    config = dict(best["config"], max_eval=None) if all_test else best["config"]
     batch_size = config["eval_batch_size"] if batch_size is None else batch_size
     seed = config["seed"] if seed is None else seed
     if data_root is None and not os.environ.get(DATA_ENV_VAR):
@@ -72,7 +75,7 @@ def evaluate_run(run_dir, K=5000, data_root=None, device="cpu", batch_size=None,
     metrics = None
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
-        metrics[f"test_ll_K{K}"] = test_ll
+        metrics[f"test_ll_{'all_' if all_test else ''}K{K}"] = test_ll
         metrics.setdefault("eval_seconds_by_K", {})[str(K)] = seconds
         atomic_write_json(metrics, metrics_path)
     return test_ll, metrics, seconds
