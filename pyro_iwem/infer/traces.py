@@ -55,8 +55,8 @@ class Particles:
         return self.log_p.shape[0]
 
 
-def _latent_sites(trace):
-    """Sample sites that carry a log density: no subsample or deterministic sites."""
+def _density_sites(trace):
+    """Sample sites that carry a log density (latent or observed): no subsample or deterministic sites."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -124,7 +124,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
-        for _, site in _latent_sites(trace)
+        for _, site in _density_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
@@ -153,15 +153,16 @@ class ParticleSampler:
     always runs with the caller's grad mode.
     """
 
-    def __init__(self, model, guide, max_plate_nesting=None, data_plate=None, guide_inputs=None, validate_model=False):
+    def __init__(
+        self, model, guide, max_plate_nesting=None, data_plate=None, guide_inputs=None, validate_model=False
+    ):
         self.model = model
+        self.guide = guide
+        self.max_plate_nesting = max_plate_nesting
+        self.data_plate = data_plate  # None until detected; False: the model has no data plate
+        self.guide_inputs = guide_inputs
         self.validate_model = validate_model
         self._validated = False
-        self.guide = guide
-        self.guide_inputs = guide_inputs
-        self.max_plate_nesting = max_plate_nesting
-        self.data_plate = data_plate
-        self._detected_plate = data_plate
 
     def __call__(
         self,
@@ -192,16 +193,19 @@ class ParticleSampler:
             )
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
-        with pyro.validation_enabled(is_validation_enabled() and (self.validate_model or not self._validated)):
-            particles = self._draw(num_particles, args, kwargs, guide_args, guide_kwargs, guide_trace,
-                                   grad_guide, stop_proposal_params, rsample_for)
+        validating = is_validation_enabled() and (self.validate_model or not self._validated)
+        with pyro.validation_enabled(validating):
+            particles = self._draw(
+                num_particles, (args, kwargs), (guide_args, guide_kwargs), guide_trace, grad_guide,
+                stop_proposal_params, rsample_for,
+            )
         self._validated = True
         if validate:
             _check_log_weights(particles.log_w)
         return particles
 
-    def _draw(self, num_particles, args, kwargs, guide_args, guide_kwargs, guide_trace, grad_guide,
-              stop_proposal_params, rsample_for):
+    def _draw(self, num_particles, model_inputs, guide_inputs, guide_trace, grad_guide, stop_proposal_params, rsample_for):
+        (args, kwargs), (guide_args, guide_kwargs) = model_inputs, guide_inputs
         particle_dim = -1 - self.max_plate_nesting
 
         def vectorize(fn):
@@ -221,15 +225,15 @@ class ParticleSampler:
         return self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
 
     def _find_data_plate(self, model_trace):
-        if self._detected_plate is None:
+        if self.data_plate is None:
             stacks = [
                 [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
-                for _, site in _latent_sites(model_trace)
+                for _, site in _density_sites(model_trace)
             ]
             common = set(stacks[0]).intersection(*stacks[1:]) if stacks else set()
             outermost = [name for name in (stacks[0] if stacks else []) if name in common]
-            self._detected_plate = outermost[0] if outermost else False
-        return self._detected_plate or None
+            self.data_plate = outermost[0] if outermost else False
+        return self.data_plate or None
 
     def _reduce(self, model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for):
         data_plate = self._find_data_plate(model_trace)
@@ -240,14 +244,14 @@ class ParticleSampler:
         reduce = _Reducer(particle_dim, frame, scale, shape)
 
         log_p = log_model = log_q = 0.0
-        for name, site in _latent_sites(model_trace):
+        for name, site in _density_sites(model_trace):
             if site["is_observed"]:
                 _check_observed(name, site)
             lp = reduce(name, site, data_plate)
             log_p = log_p + lp
             if not site["is_observed"] and name not in guide_trace.nodes:
                 log_model = log_model + lp
-        for name, site in _latent_sites(guide_trace):
+        for name, site in _density_sites(guide_trace):
             if site["is_observed"]:
                 continue
             if name not in model_trace.nodes:
@@ -280,7 +284,7 @@ def _as_tensor(value, zeros):
 def _data_frame(trace, data_plate):
     if data_plate is None:
         return None
-    for _, site in _latent_sites(trace):
+    for _, site in _density_sites(trace):
         for frame in site["cond_indep_stack"]:
             if frame.name == data_plate:
                 return frame
