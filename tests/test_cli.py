@@ -313,3 +313,12 @@ def test_evaluate_all_test_ignores_max_eval(tmp_path, capsys):
     updated = json.loads((out / "metrics.json").read_text())
     assert updated["test_ll_K20"] == pytest.approx(metrics["test_ll"], abs=1e-6)  # the slice again
     assert updated["test_ll_all_K20"] != pytest.approx(updated["test_ll_K20"], abs=1e-3)  # more images
+
+
+def test_table_curves_png(digits_run, tmp_path, capsys):
+    png = tmp_path / "curves.png"
+    assert main(["table", str(digits_run), "--curves", str(png)]) == 0
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (700, 450)

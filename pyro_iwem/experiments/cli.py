@@ -158,6 +158,7 @@ def add_table_parser(subparsers):
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     p.add_argument("--metric", default="test_ll", help="a numeric key of metrics.json (default test_ll)")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--curves", metavar="PNG", help="also plot each method's validation curve (mean over runs)")
     p.set_defaults(func=cmd_table)
 
 
@@ -246,6 +247,10 @@ def cmd_table(args):
 
     table = table_of_paths(args.paths, metric=args.metric, fmt=args.format)
     print(table)
+    if args.curves:
+        from .table import save_curves_of_paths
+
+        save_curves_of_paths(args.paths, args.curves)
     if args.output:
         with atomic_path(args.output) as tmp:
             pathlib.Path(tmp).write_text(table + "\n")

@@ -60,6 +60,34 @@ def save_image_grid(images, image_shape, path, **kwargs):
         grid.save(tmp, format="PNG")
 
 
+def save_method_curves(histories, path, title=""):
+    """Plot the validation log-likelihood per epoch of several methods to ``path`` (PNG):
+    for each method, the mean over its runs (seeds) and the range as a band.
+
+    :param dict histories: method name -> list of per-run histories (lists of per-epoch dicts).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    for method, runs in histories.items():
+        length = min(len(h) for h in runs)
+        valid = np.array([[e["valid_ll"] for e in h[:length]] for h in runs], dtype=float)
+        epochs = np.arange(1, length + 1)
+        mean = valid.mean(0)
+        (line,) = ax.plot(epochs, mean, lw=1.4, label=f"{method} ({len(runs)} runs): {mean[-1]:.2f}")
+        if len(runs) > 1:
+            ax.fill_between(epochs, valid.min(0), valid.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation log-likelihood (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
 def save_learning_curve(history, path, title=""):
     """Plot validation log-likelihood per epoch (and the best epoch) to ``path`` as a PNG
     (rendered with matplotlib's Agg, whatever the session's backend).

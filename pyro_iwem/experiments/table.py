@@ -203,3 +203,19 @@ def table_of_paths(paths, metric="test_ll", fmt="markdown"):
     if not records:
         raise RunError(f"no {METRICS} found in {', '.join(map(str, paths))}")
     return format_table([m for _, m in records], metric, fmt)
+
+
+def save_curves_of_paths(paths, png):
+    """Plot the validation curves of the finished runs under ``paths``, grouped by method
+    (in the paper's order), from each run's checkpoint history."""
+    from .checkpoint import CHECKPOINT, torch_load
+    from .images import save_method_curves
+
+    records = find_metrics(paths)
+    histories = {}
+    for path, metrics in records:
+        checkpoint = torch_load(path.parent / CHECKPOINT, map_location="cpu")
+        histories.setdefault(metrics["method"], []).append(checkpoint["history"])
+    order = sorted(histories, key=lambda method: _order(method, METHOD_ORDER))
+    datasets = sorted({m["dataset"] for _, m in records})
+    save_method_curves({method: histories[method] for method in order}, png, title=", ".join(datasets))
