@@ -40,8 +40,9 @@ class IWEM:
     :param int J: P-step samples (default 50).
     :param int L: ELBO samples of the annealed E-step (default 1).
     :param pyro.optim.PyroOptim optim: stepped on θ and φ separately (default Adam, lr 5e-4).
-    :param Annealing annealing: the controller α (default :class:`Annealing` ()); ``None``
-        means α ≡ 1 (IWEM-woa).
+    :param Annealing annealing: the controller α (default ``Annealing()``: +0.01 every 500
+        steps, the paper's per-epoch schedule at 50 000 data and batch 100); ``None`` means
+        α ≡ 1 (IWEM-woa).
     :param str proposal: "optimal" (eq. 7) or "iwae" (IWEM-woo, eq. 4).
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: name of the plate over data points; detected when ``None``.
@@ -137,7 +138,7 @@ class IWEM:
         self.annealing.end_epoch()
 
     def state_dict(self):
-        """Step count and annealing state (the parameters live in Pyro's param store)."""
+        """Step count, annealing and optimiser state (the parameters live in Pyro's param store)."""
         return {"num_steps": self.num_steps, "annealing": self.annealing.state_dict(), "optim": self.optim.get_state()}
 
     def load_state_dict(self, state):
