@@ -60,6 +60,18 @@ def save_image_grid(images, image_shape, path, **kwargs):
         grid.save(tmp, format="PNG")
 
 
+def _save_epoch_plot(fig, ax, title, path):
+    """Label a validation-per-epoch plot and write it to ``path`` as a PNG, atomically."""
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation log-likelihood (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
 def save_method_curves(histories, path, title=""):
     """Plot the validation log-likelihood per epoch of several methods to ``path`` (PNG):
     for each method, the mean over its runs (seeds) and the range as a band.
@@ -78,14 +90,7 @@ def save_method_curves(histories, path, title=""):
         (line,) = ax.plot(epochs, mean, lw=1.4, label=f"{method} ({len(runs)} runs): {mean[-1]:.2f}")
         if len(runs) > 1:
             ax.fill_between(epochs, valid.min(0), valid.max(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation log-likelihood (nats)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _save_epoch_plot(fig, ax, title, path)
 
 
 def save_learning_curve(history, path, title=""):
@@ -110,11 +115,4 @@ def save_learning_curve(history, path, title=""):
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation log-likelihood (nats)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _save_epoch_plot(fig, ax, title, path)
