@@ -197,6 +197,19 @@ def test_bad_particle_numbers():
         IWEM(m.model, m.guide, optim=torch.optim.Adam)
 
 
+def normal_model(x):
+    """z ~ N(0, 1), x | z ~ N(z, 1) per datum."""
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def prior_guide(x):
+    """q(z) = N(0, 1): a guide that does not look at the data."""
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
 def test_nan_in_observed_data_names_the_site():
     m = PPCA()
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -204,17 +217,9 @@ def test_nan_in_observed_data_names_the_site():
     with pytest.raises(ValueError, match="argument 0 .*NaN"):
         IWEM(m.model, m.guide, K=3).step(x)
 
-    def model(x):  # a guide that does not look at the data: the model's check names the site
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(0.0, 1.0))
-
+    # a guide that does not look at the data: the model's check names the site
     with pytest.raises(ValueError, match="observed site 'x'.*NaN"):
-        IWEM(model, guide, K=3).step(torch.tensor([0.0, math.inf]))
+        IWEM(normal_model, prior_guide, K=3).step(torch.tensor([0.0, math.inf]))
 
 
 def test_all_log_weights_minus_infinity_is_an_error():
@@ -224,12 +229,8 @@ def test_all_log_weights_minus_infinity_is_an_error():
             pyro.factor("zero_density", torch.where(z > 10.0, 0.0, -math.inf) * x[0])  # -inf for datum 0 only
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(0.0, 1.0))
-
     with torch.no_grad(), pytest.raises(ValueError, match="-inf for datum 0"):
-        ParticleSampler(model, guide)(4, (torch.tensor([1.0, 0.0, 0.0]),), {}, grad_guide=False)
+        ParticleSampler(model, prior_guide)(4, (torch.tensor([1.0, 0.0, 0.0]),), {}, grad_guide=False)
 
 
 def test_non_reparameterisable_guide_site_is_an_error_in_the_p_step():
@@ -254,27 +255,18 @@ def test_guide_missing_a_latent_that_cannot_be_proposed_by_the_model():
             w = pyro.sample("w", dist.ImproperUniform(dist.constraints.real, (), ()))
             pyro.sample("x", dist.Normal(w, 1.0), obs=x)
 
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(0.0, 1.0))
-
     with pytest.raises(ValueError, match="model site 'w'.*guide does not sample"):
-        IWEM(model, guide, K=3).step(torch.zeros(4))
+        IWEM(model, prior_guide, K=3).step(torch.zeros(4))
 
 
 def test_guide_site_absent_from_model_is_an_error():
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("extra", dist.Normal(0.0, 1.0))
 
     with pytest.raises(ValueError, match="guide site 'extra'"):
-        IWEM(model, guide, K=3).step(torch.zeros(4))
+        IWEM(normal_model, guide, K=3).step(torch.zeros(4))
 
 
 def test_iwae_bound_is_exact_with_the_exact_posterior_and_float64():

@@ -68,6 +68,12 @@ def _default_roots():
     ]
 
 
+def _setting(explicit, env_var):
+    """A directory given explicitly, else by the environment variable ``env_var``, else ``None``."""
+    value = explicit if explicit is not None else os.environ.get(env_var) or None
+    return None if value is None else pathlib.Path(value).expanduser()
+
+
 def resolve_data_root(root=None):
     """Return the data root directory.
 
@@ -80,11 +86,9 @@ def resolve_data_root(root=None):
     :param root: an explicit directory (``str`` or ``os.PathLike``), or ``None``.
     :rtype: pathlib.Path
     """
-    if root is not None:
-        return pathlib.Path(root).expanduser()
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return pathlib.Path(env).expanduser()
+    chosen = _setting(root, DATA_ENV_VAR)
+    if chosen is not None:
+        return chosen
     candidates = _default_roots()
     for candidate in candidates:
         if candidate.is_dir():
@@ -150,11 +154,9 @@ def resolve_cache_dir(cache_dir=None):
 
     :rtype: pathlib.Path
     """
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return pathlib.Path(env).expanduser()
+    chosen = _setting(cache_dir, CACHE_ENV_VAR)
+    if chosen is not None:
+        return chosen
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
     return base / "pyro_iwem"
