@@ -35,12 +35,10 @@ def _svi(loss_class, **options):
     return build
 
 
-def _iwem(**options):
+def _iwem(annealed=True, **options):
     def build(model, guide, K, J, L, optim, annealing, **plates):
-        if options.get("annealing", True) is None:
-            annealing = None
-        kw = {k: v for k, v in options.items() if k != "annealing"}
-        return IWEM(model, guide, K=K, J=J, L=L, optim=optim, annealing=annealing, **kw, **plates)
+        annealing = annealing if annealed else None
+        return IWEM(model, guide, K=K, J=J, L=L, optim=optim, annealing=annealing, **options, **plates)
 
     return build
 
@@ -53,10 +51,10 @@ METHODS = {
     "iwae-em": lambda model, guide, K, J, L, optim, annealing, **plates: IWAEasEM(model, guide, K, J, optim, **plates),
     "iwem": _iwem(),
     "iwem-woo": _iwem(proposal="iwae"),
-    "iwem-woa": _iwem(annealing=None),
+    "iwem-woa": _iwem(annealed=False),
     "miss-iwae": _svi(IWAELoss, guide_inputs=ZeroFilledInputs()),
     "miss-iwem": _iwem(guide_inputs=ImputedInputs()),
-    "miss-iwem-woa": _iwem(annealing=None, guide_inputs=ImputedInputs()),
+    "miss-iwem-woa": _iwem(annealed=False, guide_inputs=ImputedInputs()),
 }
 """Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
 IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
