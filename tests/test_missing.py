@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_iwem import IWEM, observe_masked
-from pyro_iwem.infer import ImputedInputs, ParticleSampler, ZeroFilledInputs, build_method
+from pyro_iwem.infer import ImputedInputs, Imputer, ParticleSampler, ZeroFilledInputs, build_method
 
 T = torch.float64
 
@@ -112,3 +112,61 @@ def test_imputed_inputs_need_an_unobserved_site():
         ImputedInputs(site="y")(m.model, m.guide, (x, mask), {})
     with pytest.raises(ValueError, match="argument 'mask'"):
         ImputedInputs(mask="mask")(m.model, m.guide, (x, mask), {})
+
+
+def _closed_form_conditional(x, mask, w, noise=0.5):
+    """E and Var of x_d given x_o for z ~ N(0, 1), x | z ~ N(w z, noise² I): via p(z | x_o)."""
+    m = mask.to(T)
+    precision = 1.0 + (m * w**2).sum(-1) / noise**2
+    z_mean = (m * w * x.nan_to_num()).sum(-1) / noise**2 / precision
+    z_var = 1.0 / precision
+    return z_mean.unsqueeze(-1) * w, z_var.unsqueeze(-1) * w**2 + noise**2
+
+
+@pytest.mark.parametrize("inputs", [ZeroFilledInputs(), ImputedInputs()], ids=["zero-filled", "imputed"])
+def test_imputed_mean_is_the_closed_form_conditional_mean(inputs):
+    """Self-normalised IS over K = 20 000 particles: E[x_m | x_o] = w_m E[z | x_o] exactly in the model.
+    Every datum observes an entry, so p(z | x_o) is narrower than the guide's N(·, 0.8²) and the weights
+    have a modest variance: over 10 seeds the largest error of the 8 entries averaged 0.012 (zero-filled)
+    and 0.018 (imputed: the proposal changes with each chunk's completion), at most 0.039; 0.06 bounds
+    that, while the unweighted guide mean is off by up to 1.0 here."""
+    m = LinearGaussian()
+    pyro.set_rng_seed(0)
+    x = torch.tensor([[1.0, 0.5, -1.0], [0.3, -2.0, 0.7], [2.0, 1.0, 1.0], [0.0, 0.6, -0.4]], dtype=T)
+    mask = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    imputer = Imputer(m.model, m.guide, guide_inputs=inputs)
+    x_nan = torch.where(mask, x, torch.nan)
+    imputed = imputer.mean(x_nan, mask, num_particles=20000, chunk_size=3000)
+    expected, _ = _closed_form_conditional(x, mask, m.w)
+    assert torch.equal(imputed[mask], x[mask])
+    torch.testing.assert_close(imputed[~mask], expected[~mask], atol=0.06, rtol=0)
+
+
+def test_resampled_completions_follow_the_closed_form_conditional():
+    """Sampling importance resampling with K = 200 draws x_m ~ p(x_m | x_o): over 20 000 copies of one
+    datum, mean and variance match the closed form (SE of the mean ≈ 0.015; SIR bias O(1/K))."""
+    m = LinearGaussian()
+    pyro.set_rng_seed(1)
+    n = 20000
+    x = torch.tensor([1.5, 0.0, 0.0], dtype=T).expand(n, 3)
+    mask = torch.tensor([True, False, False]).expand(n, 3)
+    draws = Imputer(m.model, m.guide).sample(x, mask, num_particles=200, mean=False)
+    mean, var = _closed_form_conditional(x[:1], mask[:1], m.w)
+    assert draws[:, 1:].mean(0).tolist() == pytest.approx(mean[0, 1:].tolist(), abs=0.05)
+    assert draws[:, 1:].var(0).tolist() == pytest.approx(var[0, 1:].tolist(), rel=0.05)
+    assert torch.equal(draws[:, 0], x[:, 0])
+
+
+def test_imputer_needs_a_masked_site():
+    def model(x, mask):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=T), 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+    def guide(x, mask):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros((), dtype=T), 1.0))
+
+    x, mask = torch.randn(3, 2, dtype=T), torch.ones(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="no site 'x_unobserved'"):
+        Imputer(model, guide).mean(x, mask, num_particles=4)

@@ -2,6 +2,7 @@
 
 from .annealing import Annealing, NoAnnealing
 from .evaluation import iwae_bound
+from .imputation import Imputer
 from .iwem import IWEM, IWAEasEM
 from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
@@ -20,6 +21,7 @@ from .traces import Particles, ParticleSampler
 __all__ = [
     "IWEM",
     "ImputedInputs",
+    "Imputer",
     "METHODS",
     "Annealing",
     "DReGLoss",
