@@ -145,6 +145,26 @@ def test_every_method_and_model_trains(tmp_path, method, model):
     assert metrics["final_alpha"] == {"iwem": 0.01, "iwem-woo": 0.01, "iwem-woa": 1.0, "iwae-em": 1.0}.get(method)
 
 
+@pytest.mark.parametrize("method", ["miss-iwae", "miss-iwem", "miss-iwem-woa"])
+def test_missing_patches_train_and_draw_completions(tmp_path, method):
+    out = tmp_path / "r"
+    assert train(out, "--missing-patches", "5", method=method) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["missing_patches"] == 5 and metrics["method"] == method
+    assert math.isfinite(metrics["test_ll"]) and metrics["test_ll"] < 0  # on complete test images
+    with Image.open(out / "completions.png") as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] / 3  # 5 columns of 8 images
+
+
+def test_missing_patches_need_a_missing_data_method(tmp_path, capsys):
+    line = one_error_line(capsys, train(tmp_path / "a", "--missing-patches", "3", method="iwem"))
+    assert "--missing-patches needs a method for missing data" in line and "miss-iwem" in line
+    line = one_error_line(capsys, train(tmp_path / "b", method="miss-iwae"))
+    assert "give --missing-patches N" in line
+    line = one_error_line(capsys, train(tmp_path / "c", "--missing-patches", "10", method="miss-iwem"))
+    assert "at most 9" in line
+
+
 def test_early_stopping_waits_for_alpha_one(tmp_path):
     # lr so small that validation only fluctuates: with α = 1 (iwem-woa) patience 1 stops
     # after the first non-improving epoch; while annealing (iwem, α < 1) it never does.
@@ -161,11 +181,11 @@ def test_early_stopping_waits_for_alpha_one(tmp_path):
 
 
 # --- resume -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["iwem", "iwae"])
-def test_resume_equals_uninterrupted(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("iwem", []), ("iwae", []), ("miss-iwem", ["--missing-patches", "3"])])
+def test_resume_equals_uninterrupted(tmp_path, method, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train(straight, method=method, epochs=2) == 0
-    assert train(resumed, method=method, epochs=1) == 0
+    assert train(straight, *extra, method=method, epochs=2) == 0
+    assert train(resumed, *extra, method=method, epochs=1) == 0
     # continue the finished 1-epoch run to 2 epochs, only --epochs given
     assert main(["train", "--out", str(resumed), "--resume", "--epochs", "2", "--quiet"]) == 0
 

@@ -195,6 +195,32 @@ def test_batches_cover_split_once():
         ImageData("bad", x, x, x[:, :1], image_shape=(1, 2))
 
 
+def test_missing_patches_follow_their_images_through_shuffled_batches():
+    """Each training image keeps its own fixed mask; batches with masks hide the missing pixels."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 36, generator=g) > 0.5).float()  # 30 distinct 6x6 images
+    data = ImageData("toy", x, x[:4], x[:4], image_shape=(6, 6)).with_missing_patches(4, seed=7)
+    mask = data.train_mask
+    assert mask.shape == x.shape and torch.equal(mask, data.with_missing_patches(4, seed=7).train_mask)
+    assert not torch.equal(mask, data.with_missing_patches(4, seed=8).train_mask)
+    patches = patch_index((6, 6), 3)
+    for row in mask:  # exactly 4 of the 9 patches missing, each wholly
+        missing = patches[~row].unique()
+        assert len(missing) == 4 and not row[torch.isin(patches, missing)].any()
+
+    pairs = list(data.batches("train", 7, epoch=2, with_mask=True))
+    plain = torch.cat(list(data.batches("train", 7, epoch=2)))  # the same shuffle, unmasked
+    rows = [int((x == xi).all(1).nonzero()[0]) for xi in plain]
+    assert sorted(rows) != rows and sorted(rows) == list(range(30))
+    xs, masks = torch.cat([b for b, _ in pairs]), torch.cat([m for _, m in pairs])
+    assert torch.equal(masks, mask[rows]) and torch.equal(xs, torch.where(mask, x, 0.0)[rows])
+    assert torch.equal(data.sliced(max_train=10).train_mask, mask[:10])
+    (valid, valid_mask), = data.batches("valid", 4, with_mask=True)
+    assert torch.equal(valid, x[:4]) and valid_mask.all()  # evaluation splits are complete
+    with pytest.raises(ValueError, match="train_mask"):
+        ImageData("bad", x, x, x, image_shape=(6, 6), train_mask=mask.float())
+
+
 @requires_data
 def test_caltech101(caltech):
     assert caltech.sizes() == {"train": 4100, "valid": 2264, "test": 2307}

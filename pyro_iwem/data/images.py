@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .rng import torch_generator
+from .masks import patch_mask
+from .rng import derive_seed, torch_generator
 
 SPLITS = ("train", "valid", "test")
 
@@ -15,6 +16,7 @@ STREAM_SHUFFLE = 0
 STREAM_BINARIZE = 1
 STREAM_EVAL_BINARIZE = 2
 STREAM_VALID_SPLIT = 3
+STREAM_MISSING = 4
 
 
 def binarize(probs, *keys):
@@ -51,6 +53,8 @@ class ImageData:
     :param bool dynamic: whether ``train`` is re-binarised every epoch.
     :param tuple image_shape: ``(H, W)``.
     :param str note: caveats to report alongside results (e.g. approximations).
+    :param torch.Tensor train_mask: optional bool tensor of ``train``'s shape, True where a
+        pixel is observed (see :meth:`with_missing_patches`); the evaluation splits are complete.
     """
 
     name: str
@@ -60,6 +64,7 @@ class ImageData:
     dynamic: bool = False
     image_shape: tuple = (28, 28)
     note: str = ""
+    train_mask: torch.Tensor | None = None
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
@@ -72,6 +77,10 @@ class ImageData:
                     f"{self.name}: split {split!r} must be a tensor of shape (N, {num_pixels}), "
                     f"got {shape}"
                 )
+        if self.train_mask is not None and (
+            self.train_mask.shape != self.train.shape or self.train_mask.dtype != torch.bool
+        ):
+            raise ValueError(f"{self.name}: train_mask must be a bool tensor of shape {tuple(self.train.shape)}")
 
     @property
     def num_pixels(self):
@@ -99,7 +108,19 @@ class ImageData:
             train=self.train[:max_train],
             valid=self.valid[:max_eval],
             test=self.test[:max_eval],
+            train_mask=None if self.train_mask is None else self.train_mask[:max_train],
         )
+
+    def missing_patches_mask(self, split, n_removed, seed=1234, grid=3):
+        """A :func:`~pyro_iwem.data.patch_mask` for every image of a split: ``n_removed`` of the
+        ``grid x grid`` patches missing per image, drawn from a stream of ``(seed, split)``."""
+        stream = derive_seed(seed, STREAM_MISSING, SPLITS.index(split))
+        return patch_mask(len(self.split(split)), n_removed, stream, self.image_shape, grid)
+
+    def with_missing_patches(self, n_removed, seed=1234, grid=3):
+        """A copy whose training images miss ``n_removed`` random patches each (§5, Table 3):
+        the mask is fixed per image (one incomplete data set); validation and test stay complete."""
+        return dataclasses.replace(self, train_mask=self.missing_patches_mask("train", n_removed, seed, grid))
 
     def train_mean(self):
         """Per-pixel mean intensity of the training images, shape ``(H * W,)``.
@@ -128,7 +149,7 @@ class ImageData:
         return n // batch_size if drop_last else math.ceil(n / batch_size)
 
     def batches(
-        self, split, batch_size, epoch=0, seed=1234, shuffle=None, drop_last=False, device=None
+        self, split, batch_size, epoch=0, seed=1234, shuffle=None, drop_last=False, device=None, with_mask=False
     ):
         """Iterate over minibatches of binary float32 images.
 
@@ -146,6 +167,9 @@ class ImageData:
         :param bool drop_last: drop a final incomplete batch.
         :param device: if given, each batch is moved there (randomness stays on CPU, so
             the batches do not depend on the device).
+        :param bool with_mask: yield ``(x, mask)`` pairs: the training split's ``train_mask``
+            (all True for other splits or without one), with the missing pixels of ``x`` set to 0,
+            so that nothing downstream can see them.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -159,6 +183,12 @@ class ImageData:
             order = torch.randperm(n, generator=torch_generator(seed, STREAM_SHUFFLE, epoch))
         else:
             order = torch.arange(n)
+        mask = None
+        if with_mask:
+            mask = self.train_mask if split == "train" and self.train_mask is not None else torch.ones_like(x, dtype=torch.bool)
+            mask = mask.to(x.device)
+            x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
         stop = self.num_batches(split, batch_size, drop_last) * batch_size
         for start in range(0, stop, batch_size):
-            yield x[order[start : start + batch_size].to(x.device)]
+            index = order[start : start + batch_size].to(x.device)
+            yield x[index] if mask is None else (x[index], mask[index])

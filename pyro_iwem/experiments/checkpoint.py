@@ -22,7 +22,8 @@ BEST = "best.pt"
 METRICS = "metrics.json"
 SAMPLES = "samples.png"
 CURVE = "curve.png"
-RUN_FILES = (CHECKPOINT, BEST, METRICS, SAMPLES, CURVE)
+COMPLETIONS = "completions.png"
+RUN_FILES = (CHECKPOINT, BEST, METRICS, SAMPLES, CURVE, COMPLETIONS)
 
 #: Bumped when the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT = 1

@@ -13,7 +13,7 @@ from pyro_iwem.data import DataFileError
 from pyro_iwem.infer import METHODS
 
 from .errors import RunError
-from .setup import DATASETS, METHOD_ORDER, MODELS, TRAIN_DEFAULTS
+from .setup import DATASETS, METHOD_ORDER, MISSING_METHOD_ORDER, MODELS, TRAIN_DEFAULTS
 
 PROG = "pyro-iwem"
 
@@ -87,6 +87,9 @@ FORWARDED_OPTIONS = (
     ("--eval-batch-size", {"type": positive_int, "help": f"batch size of validation and test (default {_default('eval_batch_size')})"}),
     ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),
     ("--max-eval", {"type": positive_int, "help": "use only the first N validation and test images (default all)"}),
+    ("--missing-patches", {"type": nonneg_int, "metavar": "N", "help": "remove N of the 3x3 patches of every training "
+                               "image at random (fixed per image, seeded by --data-seed), for the methods "
+                               "miss-iwae, miss-iwem-woa and miss-iwem; validation and test images stay complete (default 0)"}),
     ("--data-seed", {"type": nonneg_int, "help": "seed of the data's fixed random choices, e.g. the one-off "
                          f"binarisation of dynamic MNIST's test set (default {_default('data_seed')})"}),
     ("--data-root", {"metavar": "DIR", "help": "data directory (default: $PYRO_IWEM_DATA, else shared/data nearby)"}),
@@ -115,7 +118,7 @@ def add_train_parser(subparsers):
     )
     p.add_argument("--dataset", type=one_of(DATASETS, "dataset"), help=f"one of {', '.join(DATASETS)} (required)")
     p.add_argument("--model", type=one_of(MODELS, "model"), help=f"one of {', '.join(MODELS)} (default mlp)")
-    p.add_argument("--method", type=one_of(tuple(METHODS), "method"), help=f"one of {', '.join(METHOD_ORDER)} (default iwem)")
+    p.add_argument("--method", type=one_of(tuple(METHODS), "method"), help=f"one of {', '.join(METHOD_ORDER + MISSING_METHOD_ORDER)} (default iwem)")
     p.add_argument("--K", type=positive_int, help="importance samples (E-step, or the bound's) (default 50)")
     p.add_argument("--J", type=positive_int, help="P-step samples (IWEM variants, IWAE-EM) (default 50)")
     p.add_argument("--seed", type=nonneg_int, help="seed of initialisation, batches and sampling (default 1234)")

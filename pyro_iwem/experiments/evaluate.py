@@ -8,7 +8,7 @@ import pyro
 import torch
 
 from pyro_iwem.data.files import DATA_ENV_VAR
-from pyro_iwem.infer import iwae_bound
+from pyro_iwem.infer import MISSING_DATA_INPUTS, Imputer, iwae_bound
 from pyro_iwem.infer.traces import ParticleSampler
 
 from .checkpoint import BEST, METRICS, atomic_write_json, read_json, torch_load
@@ -79,3 +79,23 @@ def evaluate_run(
         metrics.setdefault("eval_seconds_by_K", {})[str(K)] = seconds
         atomic_write_json(metrics, metrics_path)
     return test_ll, metrics, seconds
+
+
+def completions(model, data, method, n_removed, seed, n_images=8, num_particles=1000, device=None):
+    """Figure 5's columns for ``n_images`` test images spread over the (class-sorted) test split,
+    each missing ``n_removed`` random patches: the observed image (missing pixels grey), the
+    truth, the importance-weighted mean completion (:meth:`~pyro_iwem.infer.Imputer.mean`, with
+    ``num_particles`` samples) and two resampled completions (:meth:`~pyro_iwem.infer.Imputer.sample`),
+    all with the proposal of ``method``. Returns a dict of ``(n_images, H*W)`` tensors."""
+    index = torch.linspace(0, len(data.test) - 1, n_images).long()
+    x = data.test[index].to(device)
+    mask = data.missing_patches_mask("test", n_removed, seed)[index].to(device)
+    x0 = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    imputer = Imputer(model.model, model.guide, guide_inputs=MISSING_DATA_INPUTS[method](), **PLATES)
+    return {
+        "observed": torch.where(mask, x, torch.full_like(x, 0.5)),
+        "truth": x,
+        f"IW mean (K={num_particles})": imputer.mean(x0, mask, num_particles=num_particles),
+        "draw 1": imputer.sample(x0, mask, num_particles=100),
+        "draw 2": imputer.sample(x0, mask, num_particles=100),
+    }

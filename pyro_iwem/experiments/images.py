@@ -116,3 +116,28 @@ def save_learning_curve(history, path, title=""):
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_epoch_plot(fig, ax, title, path)
+
+
+def save_completion_grid(columns, image_shape, path, title=""):
+    """Figure 5 of the paper: one row per image, one titled column per entry of ``columns``
+    (e.g. observed, truth, completions), written to ``path`` as a PNG, atomically.
+
+    :param dict columns: column title -> ``(n, H*W)`` tensor or array of intensities in ``[0, 1]``.
+    """
+    from matplotlib.figure import Figure
+
+    images = {name: np.asarray(getattr(x, "cpu", lambda: x)(), dtype=float) for name, x in columns.items()}
+    n = len(next(iter(images.values())))
+    fig = Figure(figsize=(1.3 * len(images), 1.3 * n + 0.6), dpi=100)
+    axes = fig.subplots(n, len(images), squeeze=False)
+    for col, (name, x) in enumerate(images.items()):
+        axes[0, col].set_title(name, fontsize=8)
+        for row in range(n):
+            axes[row, col].imshow(x[row].reshape(image_shape), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

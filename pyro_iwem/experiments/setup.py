@@ -7,7 +7,7 @@ import torch
 
 from pyro_iwem.data import load_images, resolve_data_root
 from pyro_iwem.data.files import DATA_ENV_VAR
-from pyro_iwem.infer import Annealing, build_method
+from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, build_method
 from pyro_iwem.models import build_model
 
 from .errors import RunError
@@ -16,8 +16,10 @@ DATASETS = ("static-mnist", "dynamic-mnist", "omniglot", "caltech101", "digits-8
 MODELS = ("mlp", "mlp2", "cnn")
 #: The paper's order of methods (Table 1).
 METHOD_ORDER = ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem")
+#: Methods for data with missing entries (Table 3), in the paper's order.
+MISSING_METHOD_ORDER = ("miss-iwae", "miss-iwem-woa", "miss-iwem")
 #: Methods that use J (the others draw only K particles).
-USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa")
+USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa", "miss-iwem", "miss-iwem-woa")
 
 #: Settings that define a run: a resumed run must have the same values.
 CONFIG_KEYS = (
@@ -33,6 +35,7 @@ CONFIG_KEYS = (
     "data_seed",
     "max_train",
     "max_eval",
+    "missing_patches",
     "valid_K",
     "eval_batch_size",
 )
@@ -55,6 +58,7 @@ TRAIN_DEFAULTS = {
     "device": "auto",
     "max_train": None,
     "max_eval": None,
+    "missing_patches": 0,
     "eval_K": 5000,
     "valid_K": 100,
     "eval_batch_size": 100,
@@ -94,15 +98,30 @@ def resolve_device(name):
         raise RunError(f"bad --device {name!r}: {e}") from None
 
 
+def check_missing_data(config):
+    """:class:`RunError` unless ``--missing-patches`` and a method for missing data go together."""
+    patches, method = config.get("missing_patches") or 0, config["method"]
+    if patches and method not in MISSING_DATA_INPUTS:
+        raise RunError(f"--missing-patches needs a method for missing data ({', '.join(MISSING_METHOD_ORDER)}), not {method}")
+    if method in MISSING_DATA_INPUTS and not patches:
+        raise RunError(f"--method {method} is for data with missing entries: give --missing-patches N (1-9)")
+    if patches > 9:
+        raise RunError(f"--missing-patches must be at most 9 (a 3x3 grid of patches), got {patches}")
+
+
 def load_data(config, root=None):
-    """The config's :class:`~pyro_iwem.data.ImageData` (may raise ``DataFileError``)."""
-    return load_images(
+    """The config's :class:`~pyro_iwem.data.ImageData` (may raise ``DataFileError``); with
+    ``missing_patches``, the training images miss that many patches each (seeded by ``data_seed``)."""
+    data = load_images(
         config["dataset"],
         data_root(root),
         max_train=config["max_train"],
         max_eval=config["max_eval"],
         seed=config["data_seed"],
     )
+    if config.get("missing_patches"):
+        data = data.with_missing_patches(config["missing_patches"], config["data_seed"])
+    return data
 
 
 def make_model(config, data, device):

@@ -14,7 +14,7 @@ import statistics
 
 from .checkpoint import METRICS, read_json
 from .errors import RunError
-from .setup import DATASETS, METHOD_ORDER, MODELS, USES_J
+from .setup import DATASETS, METHOD_ORDER, MISSING_METHOD_ORDER, MODELS, USES_J
 
 
 def find_metrics(paths):
@@ -56,20 +56,21 @@ def _row_label(key):
 
 def _row_sort(key):
     method, K, J = key
-    return (_order(method, METHOD_ORDER), K or 0, J or 0)
+    return (_order(method, METHOD_ORDER + MISSING_METHOD_ORDER), K or 0, J or 0)
 
 
 def _col_key(m, with_model):
-    return (m["dataset"], m.get("model") if with_model else None)
+    return (m["dataset"], m.get("model") if with_model else None, m.get("missing_patches") or 0)
 
 
 def _col_label(key):
-    dataset, model = key
-    return dataset if model is None else f"{dataset} / {model}"
+    dataset, model, patches = key
+    label = dataset if model is None else f"{dataset} / {model}"
+    return label + (f", {patches} patches missing" if patches else "")
 
 
 def _col_sort(key):
-    return (_order(key[0], DATASETS), _order(key[1], MODELS) if key[1] else (0, ""))
+    return (_order(key[0], DATASETS), _order(key[1], MODELS) if key[1] else (0, ""), key[2])
 
 
 def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=None):
@@ -216,6 +217,6 @@ def save_curves_of_paths(paths, png):
     for path, metrics in records:
         checkpoint = torch_load(path.parent / CHECKPOINT, map_location="cpu")
         histories.setdefault(metrics["method"], []).append(checkpoint["history"])
-    order = sorted(histories, key=lambda method: _order(method, METHOD_ORDER))
+    order = sorted(histories, key=lambda method: _order(method, METHOD_ORDER + MISSING_METHOD_ORDER))
     datasets = sorted({m["dataset"] for _, m in records})
     save_method_curves({method: histories[method] for method in order}, png, title=", ".join(datasets))

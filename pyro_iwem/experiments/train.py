@@ -19,6 +19,7 @@ from .checkpoint import (
     BEST,
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    COMPLETIONS,
     CURVE,
     METRICS,
     RUN_FILES,
@@ -33,11 +34,12 @@ from .checkpoint import (
     torch_load,
 )
 from .errors import RunError, TrainingDiverged
-from .evaluate import mean_log_likelihood, test_log_likelihood
-from .images import save_image_grid, save_learning_curve
+from .evaluate import completions, mean_log_likelihood, test_log_likelihood
+from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
     CONFIG_KEYS,
     TRAIN_DEFAULTS,
+    check_missing_data,
     data_root,
     load_data,
     make_method,
@@ -111,7 +113,7 @@ class Trainer:
         saved = self.checkpoint["args"] if self.checkpoint else {}
         if self.checkpoint:
             given = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
-            clash = [f"{k} {v!r} (checkpoint: {saved[k]!r})" for k, v in given.items() if saved[k] != v]
+            clash = [f"{k} {v!r} (checkpoint: {saved.get(k)!r})" for k, v in given.items() if saved.get(k) != v]
             if clash:
                 raise RunError(
                     f"cannot resume {self.run_dir} with different settings: {', '.join(clash)}; "
@@ -124,6 +126,7 @@ class Trainer:
             raise RunError("the following arguments are required: --dataset")
         if args.epochs < 1:
             raise RunError(f"--epochs must be >= 1, got {args.epochs}")
+        check_missing_data(vars(args))
 
     def prepare(self):
         self._check_run_dir()
@@ -178,7 +181,10 @@ class Trainer:
 
         args, method = self.args, self.method
         alpha = method.alpha
-        batches = self.data.batches("train", args.batch_size, epoch=self.epoch, seed=args.seed, device=self.device)
+        masked = bool(args.missing_patches)
+        batches = self.data.batches(
+            "train", args.batch_size, epoch=self.epoch, seed=args.seed, device=self.device, with_mask=masked
+        )
         total = self.data.num_batches("train", args.batch_size)
         bar = tqdm(
             batches,
@@ -190,8 +196,8 @@ class Trainer:
             file=sys.stderr,
         )
         loss_sum, count, ess_sum, ess_count = 0.0, 0, 0.0, 0
-        for x in bar:
-            loss = method.step(x)
+        for batch in bar:
+            loss = method.step(*batch) if masked else method.step(batch)
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(
@@ -199,7 +205,7 @@ class Trainer:
                     f"epoch {self.epoch} in {self.run_dir} is kept (try a smaller --lr)"
                 )
             loss_sum += loss
-            count += len(x)
+            count += len(batch[0]) if masked else len(batch)
             ess = method.ess
             if ess is not None and math.isfinite(ess):
                 ess_sum += ess
@@ -303,7 +309,14 @@ class Trainer:
         pyro.set_rng_seed(args.seed)
         save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
         title = f"{args.dataset} {args.model} {args.method} K={args.K} J={args.J} seed={args.seed}"
+        if args.missing_patches:
+            title += f", {args.missing_patches} patches missing"
         save_learning_curve(self.history, self.run_dir / CURVE, title)
+        if args.missing_patches:
+            pyro.set_rng_seed(args.seed)
+            with torch.no_grad():
+                columns = completions(self.model, data, args.method, args.missing_patches, args.data_seed, device=self.device)
+            save_completion_grid(columns, data.image_shape, self.run_dir / COMPLETIONS, title)
         sizes = data.sizes()
         epoch_seconds = [h["seconds"] for h in self.history]
         metrics = {

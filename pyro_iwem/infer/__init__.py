@@ -6,7 +6,7 @@ from .imputation import Imputer
 from .iwem import IWEM, IWAEasEM
 from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
-from .methods import METHODS, build_method
+from .methods import METHODS, MISSING_DATA_INPUTS, build_method
 from .missing import ImputedInputs, ZeroFilledInputs
 from .objectives import (
     effective_sample_size,
@@ -23,6 +23,7 @@ __all__ = [
     "ImputedInputs",
     "Imputer",
     "METHODS",
+    "MISSING_DATA_INPUTS",
     "Annealing",
     "DReGLoss",
     "IWAELoss",

@@ -43,6 +43,10 @@ def _iwem(annealed=True, **options):
     return build
 
 
+#: What the guide sees in the methods for data with missing entries (§4.1): missIWAE's
+#: zero-filled data, miss-IWEM's completion. The same inputs serve imputation afterwards.
+MISSING_DATA_INPUTS = {"miss-iwae": ZeroFilledInputs, "miss-iwem": ImputedInputs, "miss-iwem-woa": ImputedInputs}
+
 METHODS = {
     "vae": _svi(VAELoss),
     "iwae": _svi(IWAELoss),
@@ -52,9 +56,9 @@ METHODS = {
     "iwem": _iwem(),
     "iwem-woo": _iwem(proposal="iwae"),
     "iwem-woa": _iwem(annealed=False),
-    "miss-iwae": _svi(IWAELoss, guide_inputs=ZeroFilledInputs()),
-    "miss-iwem": _iwem(guide_inputs=ImputedInputs()),
-    "miss-iwem-woa": _iwem(annealed=False, guide_inputs=ImputedInputs()),
+    "miss-iwae": _svi(IWAELoss, guide_inputs=MISSING_DATA_INPUTS["miss-iwae"]()),
+    "miss-iwem": _iwem(guide_inputs=MISSING_DATA_INPUTS["miss-iwem"]()),
+    "miss-iwem-woa": _iwem(annealed=False, guide_inputs=MISSING_DATA_INPUTS["miss-iwem-woa"]()),
 }
 """Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
 IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
