@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_iwem import IWEM, observe_masked
-from pyro_iwem.infer import ImputedInputs, Imputer, ParticleSampler, ZeroFilledInputs, build_method
+from pyro_iwem.infer import ImputedInputs, Imputer, ParticleSampler, ZeroFilledInputs, build_method, snis_objective
 
 T = torch.float64
 
@@ -170,3 +170,25 @@ def test_imputer_needs_a_masked_site():
     x, mask = torch.randn(3, 2, dtype=T), torch.ones(3, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="no site 'x_unobserved'"):
         Imputer(model, guide).mean(x, mask, num_particles=4)
+
+
+def test_e_step_proposes_missing_entries_detached():
+    """x_m ~ p(x_m | z; θ_t) is part of the E-step's proposal: Q̂'s θ-gradient treats it as data.
+    A reparameterised x_m = w z + 0.5 ε would make ∂ log p(x_m | z)/∂w vanish (and, with a learnt
+    scale, push the scale down); the gradient must be that of log p at the drawn, fixed x_m."""
+    m = LinearGaussian()
+    pyro.set_rng_seed(3)
+    x = torch.randn(5, 3, dtype=T)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    p = ParticleSampler(m.model, m.guide)(7, (x, mask), {}, grad_guide=False)
+    x_m = p.model_trace.nodes["x_unobserved"]["value"]
+    assert not x_m.requires_grad
+    w = pyro.param("w")
+    (grad,) = torch.autograd.grad(snis_objective(p, 7, 1.0).sum(), [w])
+    z = p.guide_trace.nodes["z"]["value"]
+    completed = torch.where(mask, x, x_m)
+    by_hand = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z.unsqueeze(-1) * w, 0.5).log_prob(completed).sum(-1)
+    weights = torch.softmax(p.log_w, 0).detach()
+    (expected,) = torch.autograd.grad((weights * by_hand).sum(), [w])
+    torch.testing.assert_close(grad, expected)
+    assert grad.abs().min() > 1e-3

@@ -76,12 +76,16 @@ def _base_distribution(fn):
     return fn
 
 
-class _CheckModelProposals(Messenger):
-    """Checks that every model latent the guide does not sample can be drawn from the model."""
+class _ProposeFromModel(Messenger):
+    """Model latents the guide does not sample are proposed from the model's own conditional:
+    checks that they can be drawn and, with ``detach``, draws them without a gradient path to
+    the parameters (a detached proposal, as the E-step's must be: otherwise a reparameterised
+    draw such as a Gaussian's missing entry feeds ∂x_m/∂θ into the M-step)."""
 
-    def __init__(self, guide_trace):
+    def __init__(self, guide_trace, detach):
         super().__init__()
         self.guide_trace = guide_trace
+        self.detach = detach
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["name"] in self.guide_trace.nodes or site_is_subsample(msg):
@@ -94,6 +98,8 @@ class _CheckModelProposals(Messenger):
                 f"and its distribution ({type(_base_distribution(msg['fn'])).__name__}) cannot be "
                 "sampled to propose it from the model: add the site to the guide"
             )
+        if self.detach and msg["value"] is None:
+            msg["value"] = msg["fn"].sample()
 
 
 def _run_guide(guide, args, kwargs):
@@ -119,7 +125,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
     guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
     with poutine.block(), torch.no_grad(), torch.random.fork_rng():
         guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        model = _CheckModelProposals(guide_trace)(poutine.replay(model, trace=guide_trace))
+        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
@@ -148,9 +154,10 @@ class ParticleSampler:
     :param bool validate_model: keep Pyro's distribution validation on every call; by
         default it runs on the first call only (when Pyro's validation is enabled).
 
-    Calling the sampler returns :class:`Particles`. With ``grad_guide=False`` the guide
-    runs under ``torch.no_grad()`` (proposal detached, as the E-step needs); the model
-    always runs with the caller's grad mode.
+    Calling the sampler returns :class:`Particles`. With ``grad_guide=False`` the whole
+    proposal is detached, as the E-step needs: the guide runs under ``torch.no_grad()`` and
+    the latents the model proposes itself are drawn without gradients; the model's log
+    densities always keep the caller's grad mode.
     """
 
     def __init__(
@@ -220,7 +227,8 @@ class ParticleSampler:
             guide = poutine.replay(guide, trace=guide_trace)
         with torch.set_grad_enabled(grad_guide and torch.is_grad_enabled()):
             guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        model = _CheckModelProposals(guide_trace)(poutine.replay(vectorize(self.model), trace=guide_trace))
+        detach = not (grad_guide and torch.is_grad_enabled())
+        model = _ProposeFromModel(guide_trace, detach)(poutine.replay(vectorize(self.model), trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         return self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
 
