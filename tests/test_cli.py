@@ -112,8 +112,8 @@ def test_table_markdown_and_csv(digits_run, capsys):
     assert "wall-clock" in out
     assert main(["table", str(digits_run), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("method,K,J,dataset,model,metric,mean,std,n")
-    assert lines[1].startswith("iwem,3,3,digits-8x8,mlp,test_ll,") and lines[1].split(",")[7:9] == ["", "1"]
+    assert lines[0].startswith("method,K,J,dataset,model,missing_patches,metric,mean,std,n")
+    assert lines[1].startswith("iwem,3,3,digits-8x8,mlp,0,test_ll,") and lines[1].split(",")[8:10] == ["", "1"]
 
 
 def test_table_groups_seeds_in_paper_order():
@@ -130,6 +130,19 @@ def test_table_groups_seeds_in_paper_order():
     assert body[0] == "| method | static-mnist | caltech101 |"
     assert [line.split("|")[1].strip() for line in body[1:4]] == ["vae", "iwae", "iwem"]
 
+
+
+def test_table_of_missing_data_runs_has_a_column_per_patch_count():
+    runs = [
+        {"method": m, "dataset": "static-mnist", "model": "mlp", "K": 50, "J": 50, "missing_patches": p, "test_ll": v}
+        for m, p, v in [("miss-iwem", 3, -90.0), ("miss-iwae", 3, -91.0), ("miss-iwae", 6, -100.0), ("miss-iwem-woa", 6, -97.0)]
+    ]
+    body = [line for line in format_table(runs).splitlines() if line.startswith("| ")]
+    assert body[0] == "| method | static-mnist, 3 patches missing | static-mnist, 6 patches missing |"
+    assert [line.split("|")[1].strip() for line in body[1:4]] == ["miss-iwae", "miss-iwem-woa", "miss-iwem"]
+    assert body[1].split("|")[2:4] == [" -91.00 (1) ", " -100.00 (1) "]
+    mse = format_table([{"method": "miss-iwem", "dataset": "breast", "mse": v} for v in (0.3461, 0.3502)], metric="mse")
+    assert "0.348 ± 0.003 (2)" in mse  # small metrics get three decimals
 
 @pytest.mark.parametrize(
     "method, model",

@@ -146,21 +146,22 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["method", "K", "J", "dataset", "model", "metric", "mean", "std", "n", "wall_seconds_mean"])
+        writer.writerow(["method", "K", "J", "dataset", "model", "missing_patches", "metric", "mean", "std", "n", "wall_seconds_mean"])
         for r in rows:
             for c in cols:
                 if (r, c) in cells:
                     cell = cells[r, c]
                     mean, std = mean_std(cell["values"])
                     wall = statistics.fmean(cell["wall"]) if cell["wall"] else math.nan
-                    row = [r[0], r[1], r[2], c[0], c[1], metric, mean, std, len(cell["values"]), wall]
+                    row = [*r, *c, metric, mean, std, len(cell["values"]), wall]
                     writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
         return buf.getvalue().rstrip("\n")
     if fmt != "markdown":
         raise RunError(f"unknown table format {fmt!r}; use markdown or csv")
 
     header = ["method"] + [_col_label(c) for c in cols]
-    body = [[_row_label(r)] + [format_cell(cells[r, c]["values"]) if (r, c) in cells else "" for c in cols] for r in rows]
+    digits = 2 if max(abs(v) for cell in cells.values() for v in cell["values"]) >= 10 else 3  # nats vs MSE
+    body = [[_row_label(r)] + [format_cell(cells[r, c]["values"], digits) if (r, c) in cells else "" for c in cols] for r in rows]
     wall = [
         [_row_label(r)]
         + [format_seconds(statistics.fmean(cells[r, c]["wall"])) if (r, c) in cells and cells[r, c]["wall"] else "" for c in cols]
