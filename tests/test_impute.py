@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from pyro_iwem.data import mcar_mask
 from pyro_iwem.experiments.cli import main
+from pyro_iwem.models import TabularVAE
 
 SEED = 3
 #: A few training steps and particles: enough to exercise every stage in about a second.
@@ -66,6 +68,10 @@ def test_metrics_and_imputed_table(runs, csv_file, method):
     assert metrics["train_seconds"] >= 0 and metrics["impute_seconds"] >= 0
     if method != "mean":
         assert (metrics["K"], metrics["J"], metrics["steps"], metrics["impute_K"]) == (5, 5, 20, 10)
+        saved = torch.load(runs[method] / "model.pt", weights_only=False)
+        model = TabularVAE(3)
+        model.load_state_dict(saved["model"])  # the trained model round-trips
+    assert (runs[method] / "model.pt").exists() == (method != "mean")
 
     truth = np.loadtxt(csv_file, delimiter=",", skiprows=1)
     imputed = np.loadtxt(runs[method] / "imputed.csv", delimiter=",")

@@ -6,6 +6,7 @@ exit status 2.
 """
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -376,6 +377,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted" + ("; continue with --resume" if args.command == "train" else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader went away (`pyro-iwem table ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":

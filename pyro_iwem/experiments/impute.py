@@ -14,8 +14,9 @@ One ``pyro-iwem impute`` run (:class:`ImputeRun`):
    :math:`\mathbb E[x_m \mid x_o]` with ``--impute-K`` particles drawn from the method's own
    proposal (:func:`model_imputation`);
 4. scores the mean squared error over the removed entries, in standardised units
-   (:func:`imputation_mse`), and writes ``metrics.json`` and ``imputed.csv``, the completed
-   table in the original units.
+   (:func:`imputation_mse`), and writes ``metrics.json``, ``imputed.csv`` (the completed
+   table in the original units) and, for a trained method, ``model.pt`` (the
+   :class:`~pyro_iwem.models.TabularVAE`'s ``state_dict`` and the standardisation).
 
 Schedule. Training takes ``--steps`` Adam steps on shuffled minibatches (a fresh
 permutation of the rows per pass). IWEM's α grows by 0.01 every ``max(1, steps // 200)``
@@ -48,7 +49,7 @@ from pyro_iwem.data import UCI_DATASETS, load_csv, load_uci, mcar_mask, standard
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer, build_method
 from pyro_iwem.models import TabularVAE
 
-from .checkpoint import METRICS, atomic_write_json
+from .checkpoint import METRICS, atomic_torch_save, atomic_write_json
 from .errors import RunError, TrainingDiverged
 from .setup import MISSING_METHOD_ORDER, PLATES, data_root
 
@@ -58,6 +59,8 @@ IMPUTE_METHODS = MISSING_METHOD_ORDER + ("mean",)
 TABLE_DATASETS = tuple(UCI_DATASETS)
 #: The completed table written next to ``metrics.json``.
 IMPUTED = "imputed.csv"
+#: The trained model's parameters and the standardisation (trained methods only).
+MODEL = "model.pt"
 
 #: Defaults of the ``impute`` options. ``steps`` makes a miss-IWEM run on white-wine take
 #: about 85 s of training on one thread (see the module docstring).
@@ -237,7 +240,7 @@ class ImputeRun:
         if self.trained:
             self._build()
         if self.args.force:  # the old files go once the new run is set up
-            for name in (METRICS, IMPUTED):
+            for name in (METRICS, IMPUTED, MODEL):
                 (self.run_dir / name).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return self
@@ -272,6 +275,9 @@ class ImputeRun:
         }
         original = np.where(self.mask, self.x, imputed * self.col_std + self.col_mean)
         write_table(original, self.run_dir / IMPUTED)
+        if self.trained:
+            state = {"model": self.model.state_dict(), "settings": metrics, "mean": self.col_mean, "std": self.col_std}
+            atomic_torch_save(state, self.run_dir / MODEL)
         atomic_write_json(metrics, self.run_dir / METRICS)
         return metrics
 
