@@ -225,10 +225,12 @@ class ParticleSampler:
         guide = vectorize(self.guide)
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
-        with torch.set_grad_enabled(grad_guide and torch.is_grad_enabled()):
+        grad_proposal = grad_guide and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad_proposal):
             guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        detach = not (grad_guide and torch.is_grad_enabled())
-        model = _ProposeFromModel(guide_trace, detach)(poutine.replay(vectorize(self.model), trace=guide_trace))
+        model = _ProposeFromModel(guide_trace, detach=not grad_proposal)(
+            poutine.replay(vectorize(self.model), trace=guide_trace)
+        )
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         return self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
 
