@@ -192,3 +192,16 @@ def test_e_step_proposes_missing_entries_detached():
     (expected,) = torch.autograd.grad((weights * by_hand).sum(), [w])
     torch.testing.assert_close(grad, expected)
     assert grad.abs().min() > 1e-3
+
+
+def test_annealed_e_step_elbo_term_leaves_out_the_missing_entries():
+    """Eq. (9): Q̂ uses log p(x_o, x_m^k, z_k), its ELBO term (1/L) Σ_l log p(x_o, z_l) only."""
+    m = LinearGaussian()
+    pyro.set_rng_seed(4)
+    x = torch.randn(3, 3, dtype=T)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    p = ParticleSampler(m.model, m.guide)(5, (x, mask), {}, grad_guide=False)  # K = 4, L = 1
+    z, w = p.guide_trace.nodes["z"]["value"], pyro.param("w")
+    log_p_xo_z = dist.Normal(0.0, 1.0).log_prob(z) + (dist.Normal(z.unsqueeze(-1) * w, 0.5).log_prob(x) * mask).sum(-1)
+    q_hat = (torch.softmax(p.log_w[:4], 0) * p.log_p[:4]).sum(0)
+    torch.testing.assert_close(snis_objective(p, 4, 0.3), 0.3 * q_hat + 0.7 * log_p_xo_z[4])

@@ -36,14 +36,18 @@ def snis_objective(particles, num_snis=None, alpha=1.0):
     detached, and the remaining L particles (drawn from the guide in the same pass) the
     ELBO term (the :math:`-\log q` of eq. (3) is constant in θ and left out). Gradients
     flow to θ through ``log_p`` only.
+
+    With missing data (eq. 9) Q̂ uses the full :math:`\log p(x_o, x_m^k, z_k)` while the
+    ELBO term is :math:`\frac1L \sum_l \log p(x_o, z_l; \theta)`: latents the model proposes
+    itself (``log_model_proposed``) are left out of it.
     """
     num_snis = particles.num_particles if num_snis is None else num_snis
-    log_p = particles.log_p
     weights = normalized_weights(particles.log_w[:num_snis].detach())
-    q_hat = (weights * log_p[:num_snis]).sum(0)
+    q_hat = (weights * particles.log_p[:num_snis]).sum(0)
     if alpha >= 1.0:
         return q_hat
-    return alpha * q_hat + (1.0 - alpha) * log_p[num_snis:].mean(0)
+    elbo = (particles.log_p - particles.log_model_proposed)[num_snis:].mean(0)
+    return alpha * q_hat + (1.0 - alpha) * elbo
 
 
 def iwae_objective(particles):
