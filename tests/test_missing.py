@@ -205,3 +205,19 @@ def test_annealed_e_step_elbo_term_leaves_out_the_missing_entries():
     log_p_xo_z = dist.Normal(0.0, 1.0).log_prob(z) + (dist.Normal(z.unsqueeze(-1) * w, 0.5).log_prob(x) * mask).sum(-1)
     q_hat = (torch.softmax(p.log_w[:4], 0) * p.log_p[:4]).sum(0)
     torch.testing.assert_close(snis_objective(p, 4, 0.3), 0.3 * q_hat + 0.7 * log_p_xo_z[4])
+
+
+def test_one_completion_per_step_serves_the_e_and_p_steps():
+    """Algorithm 3 draws x̆ once per iteration: E-step weights and the P-step use the same completion."""
+    m = LinearGaussian()
+    x = torch.randn(6, 3, dtype=T)
+    mask = torch.rand(6, 3, generator=torch.Generator().manual_seed(2)) > 0.4
+    calls = []
+    inputs = ImputedInputs()
+
+    def recording(model, guide, args, kwargs):
+        calls.append(inputs(model, guide, args, kwargs))
+        return calls[-1]
+
+    IWEM(m.model, m.guide, K=3, J=3, max_plate_nesting=1, guide_inputs=recording).step(x, mask)
+    assert len(calls) == 1

@@ -98,30 +98,31 @@ class IWEM:
         """The annealing controller's current α."""
         return self.annealing.alpha
 
-    def _e_step(self, alpha, args, kwargs):
+    def _e_step(self, alpha, args, kwargs, guide_args=None):
         num_elbo = self.L if alpha < 1.0 else 0
-        particles = self.sampler(self.K + num_elbo, args, kwargs, grad_guide=False)
+        particles = self.sampler(self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args)
         loss = -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
         return particles, loss
 
     def step(self, *args, **kwargs):
         r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`."""
-        loss, theta = self._m_step(args, kwargs)
-        self.p_loss = self._p_step(theta, args, kwargs)
+        guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
+        loss, theta = self._m_step(args, kwargs, guide_args)
+        self.p_loss = self._p_step(theta, args, kwargs, guide_args)
         self.annealing.step()
         self.num_steps += 1
         return loss
 
-    def _m_step(self, args, kwargs):
+    def _m_step(self, args, kwargs, guide_args):
         # a method of its own: the E-step's particles and graph are freed before the P-step
-        particles, loss = self._e_step(self.alpha, args, kwargs)
+        particles, loss = self._e_step(self.alpha, args, kwargs, guide_args)
         theta, _ = theta_and_phi(particles)
         gradient_step(loss, theta, self.optim)
         self.ess = effective_sample_size(particles.log_w[: self.K].detach()).mean().item()
         return loss.item(), theta
 
-    def _p_step(self, theta, args, kwargs):
-        particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step")
+    def _p_step(self, theta, args, kwargs, guide_args):
+        particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step", guide_args=guide_args)
         _, phi_objective = self.proposal_loss.objectives(particles)
         loss = self.proposal_loss.scaled(particles, phi_objective)
         _, phi = theta_and_phi(particles, theta)

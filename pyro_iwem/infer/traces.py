@@ -181,19 +181,20 @@ class ParticleSampler:
         stop_proposal_params=False,
         rsample_for=None,
         validate=True,
+        guide_args=None,
     ):
         """Draws ``num_particles`` particles per datum; returns :class:`Particles`.
 
         :param bool grad_guide: keep the guide's graph (reparameterised proposals).
+        :param guide_args: the guide's ``(args, kwargs)`` from :meth:`inputs_for_guide`, to
+            share one draw of them between calls (IWEM's E- and P-step use one completion).
         :param guide_trace: replay these latent values instead of drawing new ones.
         :param bool stop_proposal_params: compute log q with the guide's distribution
             parameters detached (the path through the reparameterised z is kept).
         :param str rsample_for: if given, every guide site must be reparameterisable; the
             error names this algorithm.
         """
-        guide_args, guide_kwargs = args, kwargs
-        if self.guide_inputs is not None:
-            guide_args, guide_kwargs = self.guide_inputs(self.model, self.guide, args, kwargs)
+        guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(
                 self.model, self.guide, args, kwargs, guide_args, guide_kwargs
@@ -210,6 +211,12 @@ class ParticleSampler:
         if validate:
             _check_log_weights(particles.log_w)
         return particles
+
+    def inputs_for_guide(self, args, kwargs):
+        """The guide's ``(args, kwargs)``: ``guide_inputs`` applied to the model's, or the same."""
+        if self.guide_inputs is None:
+            return args, kwargs
+        return self.guide_inputs(self.model, self.guide, args, kwargs)
 
     def _draw(self, num_particles, model_inputs, guide_inputs, guide_trace, grad_guide, stop_proposal_params, rsample_for):
         (args, kwargs), (guide_args, guide_kwargs) = model_inputs, guide_inputs
