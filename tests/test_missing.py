@@ -221,3 +221,17 @@ def test_one_completion_per_step_serves_the_e_and_p_steps():
 
     IWEM(m.model, m.guide, K=3, J=3, max_plate_nesting=1, guide_inputs=recording).step(x, mask)
     assert len(calls) == 1
+
+
+def test_imputation_never_reads_the_missing_entries():
+    """The same seed gives the same imputation whatever the missing entries hold (even NaN)."""
+    m = LinearGaussian()
+    x = torch.randn(5, 3, dtype=T)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    results = []
+    for fill in (0.0, 123.0, torch.nan):
+        pyro.set_rng_seed(9)
+        imputer = Imputer(m.model, m.guide, guide_inputs=ImputedInputs())
+        results.append(imputer.mean(torch.where(mask, x, fill), mask, num_particles=50, chunk_size=20))
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], results[2])

@@ -90,12 +90,12 @@ def completions(model, data, method, n_removed, seed, n_images=8, num_particles=
     index = torch.linspace(0, len(data.test) - 1, n_images).long()
     x = data.test[index].to(device)
     mask = data.missing_patches_mask("test", n_removed, seed)[index].to(device)
-    x0 = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # the imputer never reads x's masked pixels (the guide sees them filled, the model masks them)
     imputer = Imputer(model.model, model.guide, guide_inputs=MISSING_DATA_INPUTS[method](), **PLATES)
     return {
         "observed": torch.where(mask, x, torch.full_like(x, 0.5)),
         "truth": x,
-        f"IW mean (K={num_particles})": imputer.mean(x0, mask, num_particles=num_particles),
-        "draw 1": imputer.sample(x0, mask, num_particles=100),
-        "draw 2": imputer.sample(x0, mask, num_particles=100),
+        f"IW mean (K={num_particles})": imputer.mean(x, mask, num_particles=num_particles),
+        "draw 1": imputer.sample(x, mask, num_particles=100),
+        "draw 2": imputer.sample(x, mask, num_particles=100),
     }

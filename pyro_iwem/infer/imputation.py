@@ -61,9 +61,10 @@ class Imputer:
     def mean(self, *args, num_particles=1000, chunk_size=500, **kwargs):
         r"""``x`` with its missing entries replaced by :math:`\sum_k \bar w_k \mathbb E[x_m \mid z_k]`.
 
-        The ``num_particles`` samples are drawn ``chunk_size`` at a time; weights and weighted
-        sums are accumulated in float64 with a running maximum (log-space normalisation), so
-        K = 10 000 fits in memory. Returns a tensor of ``x``'s shape and dtype.
+        The ``num_particles`` samples are drawn ``chunk_size`` at a time; each chunk's weighted
+        sum is one batched matrix product, and the sums and weights are accumulated across
+        chunks in float64 with a running maximum (log-space normalisation), so K = 10 000 fits
+        in memory. Returns a tensor of ``x``'s shape and dtype.
         """
         if num_particles < 1 or chunk_size < 1:
             raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles} and {chunk_size}")
@@ -75,8 +76,9 @@ class Imputer:
             log_w = log_w.double()
             chunk_top = log_w.amax(0)
             new_top = chunk_top if top is None else torch.maximum(top, chunk_top)
-            w = (log_w - new_top).exp()
-            chunk_total, chunk_weighted = w.sum(0), (w.unsqueeze(-1) * mean.double()).sum(0)
+            w = (log_w - new_top).exp()  # in [0, 1]: the chunk's weighted sum is safe in mean's dtype
+            chunk_total = w.sum(0)
+            chunk_weighted = torch.einsum("nb,nbd->bd", w.to(mean.dtype), mean).double()
             if top is None:
                 total, weighted = chunk_total, chunk_weighted
             else:
