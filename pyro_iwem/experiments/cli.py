@@ -15,7 +15,7 @@ from pyro_iwem.infer import METHODS
 
 from .errors import RunError
 from .impute import IMPUTE_DEFAULTS, IMPUTE_METHODS, TABLE_DATASETS
-from .setup import DATASETS, METHOD_ORDER, MISSING_METHOD_ORDER, MODELS, TRAIN_DEFAULTS
+from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MODELS, TRAIN_DEFAULTS
 
 PROG = "pyro-iwem"
 
@@ -120,7 +120,7 @@ def add_train_parser(subparsers):
     )
     p.add_argument("--dataset", type=one_of(DATASETS, "dataset"), help=f"one of {', '.join(DATASETS)} (required)")
     p.add_argument("--model", type=one_of(MODELS, "model"), help=f"one of {', '.join(MODELS)} (default mlp)")
-    p.add_argument("--method", type=one_of(tuple(METHODS), "method"), help=f"one of {', '.join(METHOD_ORDER + MISSING_METHOD_ORDER)} (default iwem)")
+    p.add_argument("--method", type=one_of(tuple(METHODS), "method"), help=f"one of {', '.join(ALL_METHOD_ORDER)} (default iwem)")
     p.add_argument("--K", type=positive_int, help="importance samples (E-step, or the bound's) (default 50)")
     p.add_argument("--J", type=positive_int, help="P-step samples (IWEM variants, IWAE-EM) (default 50)")
     p.add_argument("--seed", type=nonneg_int, help="seed of initialisation, batches and sampling (default 1234)")

@@ -67,6 +67,11 @@ def _save_epoch_plot(fig, ax, title, path):
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path):
+    """Lay out a matplotlib figure and write it to ``path`` as a PNG, atomically."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -138,6 +143,4 @@ def save_completion_grid(columns, image_shape, path, title=""):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _save_figure(fig, path)

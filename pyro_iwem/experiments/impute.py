@@ -41,17 +41,16 @@ import time
 
 import numpy as np
 import pyro
-import pyro.optim
 import torch
 
 from pyro_iwem.atomic import atomic_path
 from pyro_iwem.data import UCI_DATASETS, load_csv, load_uci, mcar_mask, standardize
-from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer, build_method
+from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer
 from pyro_iwem.models import TabularVAE
 
 from .checkpoint import METRICS, atomic_torch_save, atomic_write_json
 from .errors import RunError, TrainingDiverged
-from .setup import MISSING_METHOD_ORDER, PLATES, data_root
+from .setup import MISSING_METHOD_ORDER, PLATES, data_root, make_method
 
 #: The imputation methods in the order of the paper's Table 3, mean imputation last.
 IMPUTE_METHODS = MISSING_METHOD_ORDER + ("mean",)
@@ -125,20 +124,6 @@ def write_table(x, path):
 def annealing_every(steps):
     """Steps between IWEM's α increments of 0.01, so that α reaches 1 by half of ``steps``."""
     return max(1, steps // 200)
-
-
-def training_method(name, model, K, J, lr, steps):
-    """The inference object of a trained method (``method.step(x, mask)``), with Adam."""
-    return build_method(
-        name,
-        model.model,
-        model.guide,
-        K=K,
-        J=J,
-        optim=pyro.optim.Adam({"lr": lr}),
-        annealing=Annealing(0.01, every=annealing_every(steps)),
-        **PLATES,
-    )
 
 
 def shuffled_batches(n, batch_size):
@@ -229,7 +214,8 @@ class ImputeRun:
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         self.model = TabularVAE(self.z.shape[1], z_dim=args.z_dim, likelihood=args.likelihood)
-        self.method = training_method(args.method, self.model, args.K, args.J, args.lr, args.steps)
+        annealing = Annealing(0.01, every=annealing_every(args.steps))
+        self.method = make_method(vars(args), self.model, annealing)
 
     def prepare(self):
         self._check_options()

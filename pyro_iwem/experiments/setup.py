@@ -18,6 +18,8 @@ MODELS = ("mlp", "mlp2", "cnn")
 METHOD_ORDER = ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem")
 #: Methods for data with missing entries (Table 3), in the paper's order.
 MISSING_METHOD_ORDER = ("miss-iwae", "miss-iwem-woa", "miss-iwem")
+#: Every method of the command line, in the order of the paper's tables.
+ALL_METHOD_ORDER = METHOD_ORDER + MISSING_METHOD_ORDER
 #: Methods that use J (the others draw only K particles).
 USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa", "miss-iwem", "miss-iwem-woa")
 
@@ -134,8 +136,11 @@ def make_model(config, data, device):
     return model.to(device)
 
 
-def make_method(config, model):
-    """The config's inference method, with Adam and the paper's per-epoch annealing."""
+def make_method(config, model, annealing=None):
+    """The config's inference method (keys ``method``, ``K``, ``J``, ``lr``), with Adam and
+    ``annealing``, by default the paper's per-epoch schedule (+``anneal_increment`` per epoch)."""
+    if annealing is None:
+        annealing = Annealing(config.get("anneal_increment", 0.01), every=1, unit="epoch")
     return build_method(
         config["method"],
         model.model,
@@ -143,7 +148,7 @@ def make_method(config, model):
         K=config["K"],
         J=config["J"],
         optim=pyro.optim.Adam({"lr": config["lr"]}),
-        annealing=Annealing(config.get("anneal_increment", 0.01), every=1, unit="epoch"),
+        annealing=annealing,
         **PLATES,
     )
 

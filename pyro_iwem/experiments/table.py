@@ -14,7 +14,7 @@ import statistics
 
 from .checkpoint import METRICS, read_json
 from .errors import RunError
-from .setup import DATASETS, METHOD_ORDER, MISSING_METHOD_ORDER, MODELS, USES_J
+from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MODELS, USES_J
 
 
 def find_metrics(paths):
@@ -56,7 +56,7 @@ def _row_label(key):
 
 def _row_sort(key):
     method, K, J = key
-    return (_order(method, METHOD_ORDER + MISSING_METHOD_ORDER), K or 0, J or 0)
+    return (_order(method, ALL_METHOD_ORDER), K or 0, J or 0)
 
 
 def _col_key(m, with_model):
@@ -218,6 +218,6 @@ def save_curves_of_paths(paths, png):
     for path, metrics in records:
         checkpoint = torch_load(path.parent / CHECKPOINT, map_location="cpu")
         histories.setdefault(metrics["method"], []).append(checkpoint["history"])
-    order = sorted(histories, key=lambda method: _order(method, METHOD_ORDER + MISSING_METHOD_ORDER))
+    order = sorted(histories, key=lambda method: _order(method, ALL_METHOD_ORDER))
     datasets = sorted({m["dataset"] for _, m in records})
     save_method_curves({method: histories[method] for method in order}, png, title=", ".join(datasets))
