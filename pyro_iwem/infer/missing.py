@@ -55,7 +55,8 @@ class ZeroFilledInputs:
 class ImputedInputs(ZeroFilledInputs):
     r"""The guide sees :math:`\breve x = (x_o, \breve x_m)`, miss-IWEM's completion (§4.1).
 
-    Once per call and per datum: :math:`\breve z \sim q(z \mid \tilde x_0; \phi)`, then
+    Once per call and per datum (:class:`~pyro_iwem.infer.IWEM` calls it once per step, for both
+    its E- and P-step): :math:`\breve z \sim q(z \mid \tilde x_0; \phi)`, then
     :math:`\breve x_m \sim p(x_m \mid \breve z; \theta)` from the model's latent site
     ``"{site}_unobserved"`` (as :func:`~pyro_iwem.infer.masked.observe_masked` and Pyro's
     ``obs_mask=`` name it), drawn without gradients: the completion is an input of the proposal.
