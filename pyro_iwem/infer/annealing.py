@@ -1,5 +1,7 @@
 """The annealing controller α of IWEM (§3.3.2, Algorithm 2)."""
 
+import math
+
 
 class Annealing:
     r"""The annealing controller of eq. (8): :math:`\alpha = \min(a_0 + c \lfloor t / n_u \rfloor, 1)`.
@@ -32,6 +34,16 @@ class Annealing:
         self.stop = stop
         self.unit = unit
         self.count = 0
+
+    @classmethod
+    def over(cls, num_steps, increments=100):
+        r"""α from 0 to 1 in ``increments`` equal steps spread over a run of ``num_steps`` steps
+        (reaching 1 at ``num_steps``): the paper's schedule fitted to a run of any length,
+        e.g. ``IWEM(model, guide, annealing=Annealing.over(3000))`` for 3 000 steps."""
+        if not (isinstance(num_steps, int) and num_steps >= 1):
+            raise ValueError(f"Annealing.over: num_steps must be a positive integer, got {num_steps!r}")
+        every = max(1, num_steps // increments)
+        return cls(increment=1.0 / math.ceil(num_steps / every), every=every)
 
     @property
     def alpha(self):

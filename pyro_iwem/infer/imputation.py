@@ -40,10 +40,11 @@ class Imputer:
         self.inputs = ZeroFilledInputs() if guide_inputs is None else guide_inputs
         self.sampler = ParticleSampler(model, guide, guide_inputs=self.inputs, **plates)
 
-    def _draw(self, num_particles, args, kwargs):
-        """``(log_w (N, B), E[x | z_k] (N, B, -1), x_m draws (N, B, -1), x, mask)`` of one pass."""
+    def _draw(self, num_particles, args, kwargs, subsample=None):
+        """``(log_w (N, B), E[x | z_k] (N, B, -1), x_m draws (N, B, -1), x, mask, subsample)`` of one
+        pass; ``subsample`` fixes the minibatch of a subsampled data plate to an earlier pass's."""
         x, mask, _ = self.inputs.zero_filled(args, kwargs)
-        particles = self.sampler(num_particles, args, kwargs, grad_guide=False)
+        particles = self.sampler(num_particles, args, kwargs, grad_guide=False, subsample=subsample)
         node = particles.model_trace.nodes.get(self.site)
         if node is None:
             raise ValueError(
@@ -55,7 +56,7 @@ class Imputer:
         full = (num_particles,) + x.shape
         mean = torch.broadcast_to(node["fn"].mean, full).reshape(shape)
         draws = torch.broadcast_to(node["value"], full).reshape(shape)
-        return log_w, mean, draws, x, mask
+        return log_w, mean, draws, x, mask, particles.subsample
 
     @torch.no_grad()
     def mean(self, *args, num_particles=1000, chunk_size=500, **kwargs):
@@ -68,11 +69,11 @@ class Imputer:
         """
         if num_particles < 1 or chunk_size < 1:
             raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles} and {chunk_size}")
-        top = total = weighted = None
+        top = total = weighted = subsample = None
         remaining = num_particles
         while remaining > 0:
             n = min(chunk_size, remaining)
-            log_w, mean, _, x, mask = self._draw(n, args, kwargs)
+            log_w, mean, _, x, mask, subsample = self._draw(n, args, kwargs, subsample)
             log_w = log_w.double()
             chunk_top = log_w.amax(0)
             new_top = chunk_top if top is None else torch.maximum(top, chunk_top)
@@ -97,7 +98,7 @@ class Imputer:
         entries with its :math:`\mathbb E[x_m \mid z_k]` (``mean=True``, smooth pictures) or its
         draw :math:`x_m \sim p(x_m \mid z_k)` (``mean=False``). Returns a tensor of ``x``'s shape.
         """
-        log_w, means, draws, x, mask = self._draw(num_particles, args, kwargs)
+        log_w, means, draws, x, mask, _ = self._draw(num_particles, args, kwargs)
         pick = torch.distributions.Categorical(logits=log_w.T).sample()  # (B,)
         chosen = (means if mean else draws)[pick, torch.arange(log_w.shape[1], device=pick.device)]
         return torch.where(mask, x, chosen.reshape(x.shape).to(x.dtype))

@@ -4,16 +4,17 @@ import pyro.optim
 import torch
 
 from .annealing import Annealing, NoAnnealing
-from .losses import accumulate_grads, check_num_particles, proposal_loss
-from .objectives import effective_sample_size, snis_objective
-from .traces import theta_and_phi
+from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss
+from .objectives import effective_sample_size, log_mean_exp, snis_objective
+from .util import warn_once
 
 _PAPER_ANNEALING = object()
 
 
 def gradient_step(loss, params, optim):
-    """One step of ``optim`` on ``params`` along ∂loss/∂params; other gradients are not computed."""
-    params = accumulate_grads(loss, params)
+    """One step of ``optim`` on ``params`` along ∂loss/∂params; other gradients are not computed.
+    A non-finite loss or gradient is refused before any parameter moves."""
+    params = accumulate_grads(gradients(loss, params))
     optim(params)
     for p in params:
         p.grad = None
@@ -35,24 +36,38 @@ class IWEM:
 
     :param model: a Pyro model :math:`p(x, z; \theta)`; any plates, several latent sites,
         subsampling, missing data through ``obs_mask=`` or :func:`~pyro_iwem.observe_masked`.
-    :param guide: a Pyro guide :math:`q(z \mid x; \phi)` with reparameterisable sites.
+    :param guide: a Pyro guide :math:`q(z \mid x; \phi)`: reparameterised sites get pathwise
+        gradients in the P-step, others (discrete latents) VIMCO's score-function gradient;
+        Pyro's autoguides work. Model latents the guide leaves out are proposed from the model
+        (the E-/M-step is then their EM update) or, if marked for parallel enumeration, summed out.
     :param int K: E-step importance samples (default 50).
     :param int J: P-step samples (default 50).
     :param int L: ELBO samples of the annealed E-step (default 1).
     :param pyro.optim.PyroOptim optim: stepped on θ and φ separately (default Adam, lr 5e-4).
     :param Annealing annealing: the controller α (default ``Annealing()``: +0.01 every 500
         steps, the paper's per-epoch schedule at 50 000 data and batch 100); ``None`` means
-        α ≡ 1 (IWEM-woa).
+        α ≡ 1 (IWEM-woa). **A run much shorter than 50 000 steps stays near α = 0, where IWEM
+        fits the ELBO**: fit the schedule to the run, ``annealing=Annealing.over(num_steps)``.
     :param str proposal: "optimal" (eq. 7) or "iwae" (IWEM-woo, eq. 4).
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: name of the plate over data points; detected when ``None``.
+    :param bool vectorize_particles: draw particles in one vectorised pass (default), or one
+        at a time for models written for a single particle; every particle and both steps of
+        one :meth:`step` see the same subsample of a subsampled data plate.
     :param guide_inputs: for data with missing entries, what the guide sees:
         :class:`~pyro_iwem.infer.missing.ImputedInputs` gives miss-IWEM (Algorithm 3), whose
         weights are :math:`p(x_o, z) / q(z \mid \breve x)` and whose E- and P-steps use
         :math:`\log p(x_o, x_m, z)` with :math:`x_m` drawn from the model (eqs. 9, 10).
 
+    θ are the parameters :math:`\log p` depends on with the latents fixed, φ those the guide's
+    distributions depend on, less θ; both are found from the graph
+    (:mod:`pyro_iwem.infer.params`), with a warning if either is empty.
+
     After each step, :attr:`ess` is the E-step's effective sample size (mean over the
-    batch) and :attr:`p_loss` the P-step loss.
+    batch), :attr:`bound` the IWAE bound of the E-step's K particles at :math:`\theta_t`
+    (mean per datum; :math:`-\hat Q_\alpha`, the loss, is not a bound and cannot be set
+    beside other methods' losses, this can) and :attr:`p_loss` the P-step loss. A step
+    whose checks refuse it (bad data, shapes, a NaN loss) raises before any parameter moves.
     """
 
     def __init__(
@@ -68,13 +83,14 @@ class IWEM:
         max_plate_nesting=None,
         data_plate=None,
         guide_inputs=None,
+        vectorize_particles=True,
     ):
         self.model = model
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
         self.proposal_loss = proposal_loss(
-            proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs
+            proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs, vectorize_particles
         )
         self.sampler = self.proposal_loss.sampler(model, guide)
         if optim is None:
@@ -87,6 +103,7 @@ class IWEM:
         self.annealing = NoAnnealing() if annealing is None else annealing
         self.num_steps = 0
         self.ess = float("nan")
+        self.bound = float("nan")
         self.p_loss = float("nan")
 
     @property
@@ -107,8 +124,8 @@ class IWEM:
     def step(self, *args, **kwargs):
         r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`."""
         guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
-        loss, theta = self._m_step(args, kwargs, guide_args)
-        self.p_loss = self._p_step(theta, args, kwargs, guide_args)
+        loss, theta, subsample = self._m_step(args, kwargs, guide_args)
+        self.p_loss = self._p_step(theta, args, kwargs, guide_args, subsample)
         self.annealing.step()
         self.num_steps += 1
         return loss
@@ -116,16 +133,32 @@ class IWEM:
     def _m_step(self, args, kwargs, guide_args):
         # a method of its own: the E-step's particles and graph are freed before the P-step
         particles, loss = self._e_step(self.alpha, args, kwargs, guide_args)
-        theta, _ = theta_and_phi(particles)
+        theta = particles.param_groups().theta
+        if not theta:
+            warn_once(
+                self.sampler.warned,
+                "no-theta",
+                "the model's log density depends on no parameter that requires a gradient: the M-step updates "
+                "nothing (register the model's parameters with pyro.param or pyro.module)",
+            )
         gradient_step(loss, theta, self.optim)
-        self.ess = effective_sample_size(particles.log_w[: self.K].detach()).mean().item()
-        return loss.item(), theta
+        log_w = particles.log_w[: self.K].detach()
+        self.ess = effective_sample_size(log_w).mean().item()
+        self.bound = log_mean_exp(log_w).mean().item()
+        return loss.item(), theta, particles.subsample
 
-    def _p_step(self, theta, args, kwargs, guide_args):
-        particles = self.sampler(self.J, args, kwargs, grad_guide=True, rsample_for="the P-step", guide_args=guide_args)
+    def _p_step(self, theta, args, kwargs, guide_args, subsample):
+        particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
         _, phi_objective = self.proposal_loss.objectives(particles)
         loss = self.proposal_loss.scaled(particles, phi_objective)
-        _, phi = theta_and_phi(particles, theta)
+        phi = particles.param_groups().phi - theta
+        if not phi:
+            warn_once(
+                self.sampler.warned,
+                "no-phi",
+                "the guide's distributions depend on no parameter of their own (the guide has no parameters, or "
+                "all of them are also parameters of the model's density): the P-step trains nothing",
+            )
         gradient_step(loss, phi, self.optim)
         return loss.item()
 
@@ -157,7 +190,9 @@ class IWAEasEM(IWEM):
     ``IWEM(model, guide, annealing=None, proposal="iwae")``.
     """
 
-    def __init__(self, model, guide, K=50, J=None, optim=None, max_plate_nesting=None, data_plate=None):
+    def __init__(
+        self, model, guide, K=50, J=None, optim=None, max_plate_nesting=None, data_plate=None, vectorize_particles=True
+    ):
         super().__init__(
             model,
             guide,
@@ -168,4 +203,5 @@ class IWAEasEM(IWEM):
             proposal="iwae",
             max_plate_nesting=max_plate_nesting,
             data_plate=data_plate,
+            vectorize_particles=vectorize_particles,
         )

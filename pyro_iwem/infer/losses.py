@@ -25,8 +25,9 @@ guide's distribution parameters detached (the path through :math:`z_k(\phi)` kep
 import torch
 from pyro.infer import ELBO
 
-from .objectives import iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective
-from .traces import ParticleSampler, param_values, theta_and_phi
+from .objectives import elbo_objective, iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective
+from .traces import ParticleSampler, is_missing_entries
+from .util import ModelError, warn_once
 
 
 def check_num_particles(name, value):
@@ -35,42 +36,70 @@ def check_num_particles(name, value):
     return value
 
 
-def accumulate_grads(loss, params, retain_graph=False):
-    """Adds ∂loss/∂p to ``p.grad`` for ``params`` only (autograd skips every other gradient)."""
+def gradients(loss, params, retain_graph=False):
+    """``{p: ∂loss/∂p}`` for ``params`` only (autograd skips every other gradient); refuses a
+    non-finite loss or gradient before anything is written to ``.grad``."""
     params = [p for p in params if p.requires_grad]
+    if not torch.isfinite(loss.detach()).all():
+        raise ModelError(f"the loss is {loss.item()}: no parameter was changed")
     if not params or not loss.requires_grad:
-        return []
+        return {}
     grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-    return params
+    found = {p: g for p, g in zip(params, grads) if g is not None}
+    if found and not torch.stack([torch.isfinite(g).all() for g in found.values()]).all():
+        raise ModelError("a gradient is NaN or infinite: no parameter was changed")
+    return found
+
+
+def accumulate_grads(grads):
+    """Adds ``grads`` (from :func:`gradients`) to the parameters' ``.grad``; returns the parameters."""
+    for p, g in grads.items():
+        p.grad = g if p.grad is None else p.grad + g
+    return list(grads)
 
 
 class ParticleLoss(ELBO):
-    """Base class: a loss on one vectorised draw of particles, with θ and φ objectives.
+    """Base class: a loss on one draw of particles, with θ and φ objectives.
 
     Subclasses define :meth:`objectives`. ``stop_proposal_params = True`` computes
-    :math:`\\log q` with the guide's distribution parameters detached (STL, DReG).
+    :math:`\\log q` with the guide's distribution parameters detached (STL, DReG), which needs
+    every proposed site reparameterised; the other losses give non-reparameterised sites a
+    score-function gradient (:func:`~pyro_iwem.infer.objectives.multi_sample`).
+
+    θ and φ are found from the graph (:mod:`pyro_iwem.infer.params`): θ the parameters the
+    model's density depends on with the latents fixed, φ those the guide's distributions
+    depend on, less θ.
 
     :param int num_particles: particles per datum.
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: the plate over data points; detected when ``None``.
     :param guide_inputs: what the guide sees in place of the model's arguments, for data
         with missing entries (see :mod:`pyro_iwem.infer.missing`); ``None``: the same.
+    :param bool vectorize_particles: draw the particles in one pass (default), or one at a
+        time for models written for a single particle.
     """
 
     stop_proposal_params = False
+    #: whether a model latent the guide leaves out changes what this loss means (it is then
+    #: proposed from the model's prior); warned about once per site.
+    warns_model_proposed = True
 
-    def __init__(self, num_particles=50, max_plate_nesting=None, data_plate=None, guide_inputs=None):
-        super().__init__(num_particles=check_num_particles("num_particles", num_particles), vectorize_particles=True)
+    def __init__(
+        self, num_particles=50, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True
+    ):
+        super().__init__(
+            num_particles=check_num_particles("num_particles", num_particles), vectorize_particles=vectorize_particles
+        )
         self._plates = (max_plate_nesting, data_plate, guide_inputs)
         self._samplers = {}
 
     def sampler(self, model, guide):
         """The :class:`ParticleSampler` of this loss for (model, guide), built once."""
         if (model, guide) not in self._samplers:
-            self._samplers[model, guide] = ParticleSampler(model, guide, *self._plates)
+            max_plate_nesting, data_plate, guide_inputs = self._plates
+            self._samplers[model, guide] = ParticleSampler(
+                model, guide, max_plate_nesting, data_plate, guide_inputs, vectorize_particles=self.vectorize_particles
+            )
         return self._samplers[model, guide]
 
     def objectives(self, particles):
@@ -87,14 +116,28 @@ class ParticleLoss(ELBO):
         return -(particles.scale * objective).sum()
 
     def _particles(self, model, guide, args, kwargs):
-        return self.sampler(model, guide)(
+        sampler = self.sampler(model, guide)
+        particles = sampler(
             self.num_particles,
             args,
             kwargs,
             grad_guide=True,
             stop_proposal_params=self.stop_proposal_params,
-            rsample_for=type(self).__name__,
+            rsample_for=type(self).__name__ if self.stop_proposal_params else None,
         )
+        if self.warns_model_proposed:
+            for name in particles.model_proposed:
+                if not is_missing_entries(name, particles.model_trace):
+                    warn_once(
+                        sampler.warned,
+                        ("model-proposed", name),
+                        f"model site '{name}' is a latent the guide does not sample: {type(self).__name__} proposes "
+                        "it from the model's own prior, where it cancels from the weights, so the bound uses the "
+                        "prior as its proposal for it (looser than a fitted one) and its parameters get a "
+                        "score-function gradient if it is not reparameterised. Add it to the guide, or mark a "
+                        "discrete site infer={'enumerate': 'parallel'} to sum it out exactly",
+                    )
+        return particles
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError(f"{type(self).__name__} draws its particles with a ParticleSampler")
@@ -106,27 +149,32 @@ class ParticleLoss(ELBO):
             return self.scaled(particles, self.value(particles)).item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        """The loss as a float; accumulates θ's and φ's estimator into the params' ``.grad``."""
+        """The loss as a float; accumulates θ's and φ's estimator into the params' ``.grad``.
+        Every check runs, and every gradient is computed, before any ``.grad`` is written."""
         particles = self._particles(model, guide, args, kwargs)
         self.grads_from_particles(particles)
         return self.scaled(particles, self.value(particles)).item()
 
     def grads_from_particles(self, particles):
         """Accumulates this estimator's θ and φ gradients on ``particles`` into ``.grad``."""
-        theta, phi = theta_and_phi(particles)
-        if self.stop_proposal_params and theta & param_values(particles.guide_trace):
-            raise NotImplementedError(
+        return accumulate_grads(self.gradients(particles))
+
+    def gradients(self, particles):
+        """This estimator's θ and φ gradients on ``particles``, as ``{param: gradient}``."""
+        groups = particles.param_groups()
+        if self.stop_proposal_params and groups.shared:
+            raise ModelError(
                 f"{type(self).__name__} detaches the guide's distribution parameters, and this guide uses "
                 "model parameters: their IWAE gradient would lose its score term. Use IWAELoss."
             )
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
-            return accumulate_grads(self.scaled(particles, theta_objective), theta | phi)
-        groups = [(obj, params) for obj, params in ((theta_objective, theta), (phi_objective, phi)) if obj is not None]
-        stepped = []
-        for i, (objective, params) in enumerate(groups):  # both from one graph: keep it for the second
-            stepped += accumulate_grads(self.scaled(particles, objective), params, retain_graph=i + 1 < len(groups))
-        return stepped
+            return gradients(self.scaled(particles, theta_objective), groups.theta | groups.phi | groups.shared)
+        pairs = [(o, p) for o, p in ((theta_objective, groups.theta), (phi_objective, groups.phi)) if o is not None]
+        grads = {}
+        for i, (objective, params) in enumerate(pairs):  # both from one graph: keep it for the second
+            grads.update(gradients(self.scaled(particles, objective), params, retain_graph=i + 1 < len(pairs)))
+        return grads
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The loss as a differentiable tensor, for losses whose θ and φ objectives coincide
@@ -143,21 +191,25 @@ class ParticleLoss(ELBO):
 class VAELoss(ParticleLoss):
     r"""The ELBO of eq. (3) with L = ``num_particles`` samples:
     :math:`\hat L^{VAE} = \frac1L \sum_{l=1}^L \log \frac{p(x, z_l; \theta)}{q(z_l \mid x; \phi)}`,
-    reparameterised gradients for θ and φ."""
+    reparameterised gradients for θ and φ, and for non-reparameterised sites REINFORCE with
+    the leave-one-out baseline of the other samples (none when L = 1)."""
 
-    def __init__(self, num_particles=1, max_plate_nesting=None, data_plate=None, guide_inputs=None):
-        super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs)
+    def __init__(
+        self, num_particles=1, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True
+    ):
+        super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)
 
     def objectives(self, particles):
-        elbo = particles.log_w.mean(0)
+        elbo = elbo_objective(particles)
         return elbo, elbo
 
 
 class IWAELoss(ParticleLoss):
     r"""The IWAE bound of eq. (4),
     :math:`\hat L^{IWAE} = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k; \theta)}{q(z_k \mid x; \phi)}`,
-    with the reparameterised gradient for θ and φ (Burda et al. 2015). Its value equals
-    Pyro's ``RenyiELBO(alpha=0)`` on the same samples."""
+    with the reparameterised gradient for θ and φ (Burda et al. 2015) and VIMCO's
+    leave-one-out score-function gradient for non-reparameterised sites (Mnih & Rezende 2016).
+    Its value equals Pyro's ``RenyiELBO(alpha=0)`` on the same samples."""
 
     def objectives(self, particles):
         bound = iwae_objective(particles)
@@ -210,6 +262,8 @@ class OptimalProposalLoss(ParticleLoss):
     :param int num_particles: J, the number of proposal samples per datum.
     """
 
+    warns_model_proposed = False  # IWEM's P-step: model-proposed latents are the E-step's business
+
     def objectives(self, particles):
         return None, optimal_proposal_objective(particles)
 
@@ -217,10 +271,10 @@ class OptimalProposalLoss(ParticleLoss):
 PROPOSAL_LOSSES = {"optimal": OptimalProposalLoss, "iwae": IWAELoss}
 
 
-def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None, guide_inputs=None):
+def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True):
     """The P-step loss called ``name``: "optimal" (eq. 7) or "iwae" (eq. 4)."""
     try:
         cls = PROPOSAL_LOSSES[name]
     except KeyError:
         raise ValueError(f"proposal must be one of {sorted(PROPOSAL_LOSSES)}, got {name!r}") from None
-    return cls(num_particles, max_plate_nesting, data_plate, guide_inputs)
+    return cls(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)

@@ -27,6 +27,15 @@ def observe_masked(name, fn, obs, obs_mask=None, event_dim=0):
         return pyro.sample(name, fn.to_event(event_dim), obs=obs)
     if obs_mask.dtype != torch.bool:
         raise TypeError(f"observe_masked('{name}'): obs_mask must be a bool tensor, got {obs_mask.dtype}")
+    try:
+        fits = torch.broadcast_shapes(obs_mask.shape, obs.shape) == obs.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"observe_masked('{name}'): obs_mask has shape {tuple(obs_mask.shape)}, which does not fit the "
+            f"observation's shape {tuple(obs.shape)}; the mask needs one entry per entry of obs (or broadcast to it)"
+        )
     obs = torch.where(obs_mask, obs, torch.zeros((), dtype=obs.dtype, device=obs.device))
     pyro.sample(f"{name}_observed", fn.mask(obs_mask).to_event(event_dim), obs=obs)
     missing = pyro.sample(f"{name}_unobserved", fn.mask(~obs_mask).to_event(event_dim))

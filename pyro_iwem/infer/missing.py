@@ -45,6 +45,11 @@ class ZeroFilledInputs:
         x, mask = self._get(args, kwargs, self.data), self._get(args, kwargs, self.mask)
         if mask.dtype != torch.bool:
             raise TypeError(f"{type(self).__name__}: the mask {self.mask!r} must be a bool tensor, got {mask.dtype}")
+        if mask.shape != x.shape:
+            raise ValueError(
+                f"{type(self).__name__}: the mask {self.mask!r} has shape {tuple(mask.shape)}, but the data "
+                f"{self.data!r} has shape {tuple(x.shape)}; give one entry of the mask per entry of the data"
+            )
         return x, mask, torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def __call__(self, model, guide, args, kwargs):

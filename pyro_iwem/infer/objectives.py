@@ -3,6 +3,22 @@ r"""Per-datum objectives on :class:`~pyro_iwem.infer.traces.Particles`.
 Each function returns a ``(B,)`` tensor, one value per datum, computed in log space;
 the caller applies the data plate's scale and sums over the batch. Weights are always
 normalised over particles (dim 0), never over the batch.
+
+The multi-sample objectives have the form :math:`F = R(\ell_1, \dots, \ell_N)` with
+:math:`R` a log-mean-exp (IWAE, eq. 4; the optimal P-step, eq. 7) or a mean (the ELBO,
+eq. 3) of per-particle terms :math:`\ell_n`. Their gradients flow pathwise through the
+reparameterised sites; :func:`multi_sample` adds the score-function part for the proposal's
+sites that are not reparameterised (``Particles.log_score``), with leave-one-out control
+variates (VIMCO, Mnih & Rezende 2016):
+
+.. math::
+    \nabla F \approx \nabla_{\text{path}} F
+        + \sum_n \big(F - F_{-n}\big)\, \nabla \log q(z_n),
+    \qquad F_{-n} = R\big(\ell_1, .., \ell_{n-1}, \textstyle\frac{1}{N-1}\sum_{m \ne n} \ell_m, \ell_{n+1}, .., \ell_N\big),
+
+:math:`\ell_n` replaced by the mean of the others (for the log-mean-exp, the geometric mean
+of the other weights; for the mean, REINFORCE with the leave-one-out baseline). With N = 1
+there are no others and the signal is :math:`F` itself (plain REINFORCE).
 """
 
 import math
@@ -13,6 +29,33 @@ import torch
 def log_mean_exp(x, dim=0):
     r""":math:`\log \frac{1}{N} \sum_n \exp x_n` along ``dim``."""
     return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+def mean(x, dim=0):
+    r""":math:`\frac1N \sum_n x_n` along ``dim``."""
+    return x.mean(dim)
+
+
+def leave_one_out(reduce, ell):
+    r""":math:`F_{-n}` for every n, ``(N, B)``: ``reduce`` over particles with :math:`\ell_n`
+    replaced by the mean of the other :math:`\ell_m`."""
+    n = ell.shape[0]
+    others = (ell.sum(0, keepdim=True) - ell) / (n - 1)
+    diagonal = torch.eye(n, dtype=torch.bool, device=ell.device).reshape((n, n) + (1,) * (ell.dim() - 1))
+    return reduce(torch.where(diagonal, others.unsqueeze(1), ell.unsqueeze(0)), dim=1)
+
+
+def multi_sample(reduce, ell, log_score=None):
+    r""":math:`F = R(\ell)` along the particles, plus a zero-valued term whose gradient is the
+    score-function part :math:`\sum_n (F - F_{-n}) \nabla \log q(z_n)` for the sites in
+    ``log_score`` (see the module doc). The value is :math:`F`."""
+    value = reduce(ell, dim=0)
+    if log_score is None or not log_score.requires_grad:
+        return value
+    ell = ell.detach()
+    total = reduce(ell, dim=0)
+    signal = total - leave_one_out(reduce, ell) if ell.shape[0] > 1 else total.unsqueeze(0)
+    return value + (signal * (log_score - log_score.detach())).sum(0)
 
 
 def normalized_weights(log_w):
@@ -51,8 +94,15 @@ def snis_objective(particles, num_snis=None, alpha=1.0):
 
 
 def iwae_objective(particles):
-    r"""The IWAE bound of eq. (4): :math:`\log \frac{1}{K} \sum_k p(x, z_k) / q(z_k \mid x)`."""
-    return log_mean_exp(particles.log_w)
+    r"""The IWAE bound of eq. (4): :math:`\log \frac{1}{K} \sum_k p(x, z_k) / q(z_k \mid x)`,
+    with VIMCO's score-function term for non-reparameterised sites."""
+    return multi_sample(log_mean_exp, particles.log_w, particles.log_score)
+
+
+def elbo_objective(particles):
+    r"""The ELBO of eq. (3): :math:`\frac1L \sum_l \log p(x, z_l) / q(z_l \mid x)`, with
+    leave-one-out REINFORCE for non-reparameterised sites."""
+    return multi_sample(mean, particles.log_w, particles.log_score)
 
 
 def optimal_proposal_objective(particles):
@@ -65,6 +115,13 @@ def optimal_proposal_objective(particles):
     computed as :math:`\mathrm{logsumexp}_j(\log|\log p_j| + \log w_j) - \log J`. Here
     :math:`p / q` is the importance weight (model-proposed sites such as missing entries
     cancel, eq. 10) while :math:`|\log p|` is the full normalised joint, missing entries
-    included.
+    included. It has the log-mean-exp form of eq. (4) with :math:`p` replaced by
+    :math:`|\log p|\,p`, so the same VIMCO estimator serves non-reparameterised sites;
+    since :math:`|\log p|` depends on the model-proposed latents, their score terms count too.
     """
-    return log_mean_exp(particles.log_p.abs().log() + particles.log_w)
+    ell = particles.log_p.abs().log() + particles.log_w
+    return multi_sample(log_mean_exp, ell, _sum_optional(particles.log_score, particles.log_score_leaves))
+
+
+def _sum_optional(a, b):
+    return b if a is None else a if b is None else a + b

@@ -1,14 +1,27 @@
 """The trace machinery every algorithm of the package is built on.
 
-One call draws ``N`` particles from the guide in a single vectorised pass (an outer
-particle plate, as Pyro's ``vectorize_particles=True`` does), replays the model on them
-and reduces every site's log density to a ``(N, B)`` tensor: one row per particle, one
-column per datum of the data plate, every other plate and event dimension summed.
-The algorithms (:mod:`pyro_iwem.infer.objectives`) are a few lines on these tensors.
+One call draws ``N`` particles from the guide, replays the model on them and reduces every
+site's log density to a ``(N, B)`` tensor: one row per particle, one column per datum of the
+data plate, every other plate and event dimension summed. By default the particles are drawn
+in one vectorised pass (an outer particle plate, as Pyro's ``vectorize_particles=True``);
+models written for one particle at a time are run ``N`` times and stacked instead
+(``vectorize_particles=False``), every run on the same subsample. The algorithms
+(:mod:`pyro_iwem.infer.objectives`) are a few lines on these tensors.
+
+What the sampler does with the sites of a Pyro model and guide:
+
+* latents the guide samples enter :math:`\\log q` and are replayed in the model;
+* auxiliary guide sites (``infer={"is_auxiliary": True}``, as Pyro's autoguides make) enter
+  :math:`\\log q` only; their Delta sites carry the Jacobian in :math:`\\log q` too;
+* model latents the guide leaves out are proposed from the model's own conditional (they
+  cancel from the weights); those marked for parallel enumeration are summed out exactly
+  (:mod:`pyro_iwem.infer.enumeration`);
+* sites that are not reparameterised (discrete latents) contribute their log density to
+  ``log_score``, to which the objectives attach a score-function gradient.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -16,22 +29,39 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
+from pyro.infer.inspect import get_dependencies
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import is_validation_enabled, site_is_subsample
 from torch.distributions.utils import broadcast_all
 
+from .enumeration import EnumerationPolicy, contract_enumerated, wants_enumeration
+from .params import ParamSplitter
+from .util import ModelError, warn_once
+
 PARTICLE_PLATE = "_iwem_particles"
+
+VECTORIZE_HINT = (
+    "if the model or guide is written for one particle at a time (explicit batch shapes such as "
+    "x.view(n, -1) or torch.cat(..., dim=1) on latents, recurrent cells, control flow on values), "
+    "pass vectorize_particles=False"
+)
 
 
 @dataclass
 class Particles:
-    r"""Per-particle, per-datum log densities of one vectorised pass; tensors are ``(N, B)``.
+    r"""Per-particle, per-datum log densities of one draw; tensors are ``(N, B)``.
 
     * ``log_p``: :math:`\log p(x_i, z_{ik}; \theta)`, every model site summed: observed
-      sites, latents the guide proposed, and latents the model proposed itself (such as
-      the missing entries of an ``obs_mask`` site).
+      sites, latents the guide proposed, latents the model proposed itself (such as the
+      missing entries of an ``obs_mask`` site); enumerated sites summed out.
     * ``log_q``: :math:`\log q(z_{ik} \mid x_i; \phi)`, every guide site summed.
     * ``log_model_proposed``: the part of ``log_p`` from latents the model proposed.
+    * ``log_score``: the log density of the proposal's non-reparameterised sites whose values
+      the weights depend on (``None`` when there are none): the term a score-function
+      estimator multiplies by its learning signal.
+    * ``log_score_leaves``: the same for model-proposed sites nothing else depends on (the
+      missing entries of an ``obs_mask`` site): they matter only to objectives that use the
+      full :math:`\log p`, such as IWEM's optimal P-step.
     * ``scale``: the data plate's subsampling scale (full size / subsample size); the
       tensors above are unscaled, so weights are normalised per datum before scaling.
 
@@ -45,6 +75,15 @@ class Particles:
     scale: float
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
+    log_score: torch.Tensor | None = None
+    log_score_leaves: torch.Tensor | None = None
+    latents: list = field(default_factory=list)
+    model_params: dict = field(default_factory=dict)
+    guide_params: dict = field(default_factory=dict)
+    subsample: poutine.Trace | None = None
+    model_proposed: tuple = ()
+    guide_has_graph: bool = False
+    splitter: ParamSplitter | None = None
 
     @property
     def log_w(self):
@@ -53,6 +92,10 @@ class Particles:
     @property
     def num_particles(self):
         return self.log_p.shape[0]
+
+    def param_groups(self):
+        """θ, φ and their overlap, found from this draw's graph (:mod:`pyro_iwem.infer.params`)."""
+        return self.splitter(self)
 
 
 def _density_sites(trace):
@@ -66,14 +109,25 @@ def _density_sites(trace):
 
 
 def param_values(trace):
-    """The unconstrained parameters (leaf tensors) a trace touched."""
-    return {site["value"].unconstrained() for site in trace.nodes.values() if site["type"] == "param"}
+    """The unconstrained parameters (leaf tensors) a trace touched, by name."""
+    return {name: site["value"].unconstrained() for name, site in trace.nodes.items() if site["type"] == "param"}
 
 
 def _base_distribution(fn):
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
         fn = fn.base_dist
     return fn
+
+
+def is_auxiliary(site):
+    return bool(site["infer"].get("is_auxiliary"))
+
+
+def is_missing_entries(name, trace):
+    """Whether ``name`` is the latent half of an ``obs_mask`` observation (``x_unobserved``)."""
+    return name.endswith("_unobserved") and trace.nodes.get(name[: -len("unobserved")] + "observed", {}).get(
+        "is_observed", False
+    )
 
 
 class _ProposeFromModel(Messenger):
@@ -90,10 +144,10 @@ class _ProposeFromModel(Messenger):
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["name"] in self.guide_trace.nodes or site_is_subsample(msg):
             return
-        if msg["infer"].get("_deterministic"):
+        if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
             return
         if isinstance(_base_distribution(msg["fn"]), (dist.ImproperUniform, dist.Unit)):
-            raise ValueError(
+            raise ModelError(
                 f"model site '{msg['name']}' is a latent variable that the guide does not sample, "
                 f"and its distribution ({type(_base_distribution(msg['fn'])).__name__}) cannot be "
                 "sampled to propose it from the model: add the site to the guide"
@@ -110,15 +164,26 @@ def _run_guide(guide, args, kwargs):
         named = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
         for name, value in named:
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(
+                raise ModelError(
                     f"argument {name} passed to the guide contains NaN or Inf values; fill missing entries "
                     "with any finite value and mark them with obs_mask= or pyro_iwem.observe_masked"
                 ) from error
         raise
 
 
+def _subsample_trace(*traces):
+    """A trace holding only the subsample sites of ``traces``: replaying it fixes the minibatch."""
+    kept = poutine.Trace()
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site) and name not in kept.nodes and name != PARTICLE_PLATE:
+                kept.add_node(name, **site)
+    return kept
+
+
 def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
-    """The deepest plate nesting of one unvectorised run of the guide and the replayed model.
+    """The deepest plate nesting of one unvectorised run of the guide and the replayed model,
+    and whether the model asks for enumeration.
 
     Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
     guide_args = args if guide_args is None else guide_args
@@ -134,7 +199,60 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
-    return max(dims, default=0)
+    enumerates = any(wants_enumeration(site) for _, site in _density_sites(model_trace))
+    return max(dims, default=0), enumerates
+
+
+def _model_leaves(model, args, kwargs):
+    """Model sites no other model site depends on (Pyro's provenance tracking); empty if it fails."""
+    try:
+        with poutine.block(), torch.no_grad(), torch.random.fork_rng():
+            dependencies = get_dependencies(model, args, kwargs)["prior_dependencies"]
+    except Exception:  # noqa: BLE001 - unknown structure: treat every site as a parent (unbiased)
+        return frozenset()
+    parents = {up for site, ups in dependencies.items() for up in ups if up != site}
+    return frozenset(set(dependencies) - parents)
+
+
+class _SiteTerms:
+    """Accumulates per-datum log densities: one ``(n, b)`` tensor per site (n ∈ {1, N},
+    b ∈ {1, B}), summed into named totals at the end."""
+
+    def __init__(self, ndim, data_position):
+        self.ndim = ndim
+        self.data_position = data_position
+        self.terms = []  # (total name, site name, is latent, (n, b) tensor, data scale applies)
+
+    def per_datum(self, name, log_prob):
+        if log_prob.dim() > self.ndim:
+            raise ModelError(
+                f"site '{name}' has batch shape {tuple(log_prob.shape)} with dims left of the particle plate "
+                f"(dim {-self.ndim}): declare its batch dims with plates or .to_event(); {VECTORIZE_HINT}"
+            )
+        log_prob = log_prob.reshape((1,) * (self.ndim - log_prob.dim()) + log_prob.shape)
+        keep = {0} if self.data_position is None else {0, self.data_position}
+        summed = [d for d in range(self.ndim) if d not in keep]
+        if summed:
+            log_prob = log_prob.sum(summed)
+        return log_prob if self.data_position is not None else log_prob.unsqueeze(-1)
+
+    def add(self, total, name, log_prob, latent, in_data_plate):
+        self.terms.append((total, name, latent, self.per_datum(name, log_prob), in_data_plate))
+
+    def shared_latents(self):
+        """Latent sites with one value for a batch of several data (a sizeless plate that broadcast)."""
+        batch = max(t.shape[1] for *_, t, _ in self.terms)
+        return [name for _, name, latent, t, _ in self.terms if latent and t.shape[1] == 1 and batch > 1]
+
+    def totals(self, shape, data_scale=None):
+        """Named ``(N, B)`` totals; with ``data_scale``, the batch is one datum (the data plate's
+        sites scaled by it and summed over the batch)."""
+        out = {}
+        for total, _, _, t, in_data_plate in self.terms:
+            if data_scale is not None:
+                t = (t * data_scale if in_data_plate else t).sum(1, keepdim=True)
+            out[total] = t if total not in out else out[total] + t
+        return {k: v.expand(shape) for k, v in out.items()}
 
 
 class ParticleSampler:
@@ -146,13 +264,18 @@ class ParticleSampler:
         from one run when ``None``.
     :param str data_plate: the name of the plate over data points whose dimension is kept
         (weights are normalised per datum). ``None`` detects it: the outermost plate that
-        encloses every sample site of the model. A model with no such plate is one datum.
+        encloses every observed site of the model. A model with no such plate is one datum;
+        so is a batch whose latents are not all inside the data plate (a global latent, a
+        joint autoguide's one vector), with a warning naming the site.
     :param guide_inputs: optional ``f(model, guide, args, kwargs) -> (args, kwargs)``, the
         guide's inputs, computed once per call outside the particle plate (the model
         still sees ``args``): :class:`~pyro_iwem.infer.missing.ImputedInputs` for
         miss-IWEM's proposal, :class:`~pyro_iwem.infer.missing.ZeroFilledInputs` for missIWAE's.
     :param bool validate_model: keep Pyro's distribution validation on every call; by
         default it runs on the first call only (when Pyro's validation is enabled).
+    :param bool vectorize_particles: draw the particles in one pass under a particle plate
+        (default); ``False`` runs guide and model once per particle and stacks the results,
+        for models written for one particle at a time.
 
     Calling the sampler returns :class:`Particles`. With ``grad_guide=False`` the whole
     proposal is detached, as the E-step needs: the guide runs under ``torch.no_grad()`` and
@@ -161,15 +284,28 @@ class ParticleSampler:
     """
 
     def __init__(
-        self, model, guide, max_plate_nesting=None, data_plate=None, guide_inputs=None, validate_model=False
+        self,
+        model,
+        guide,
+        max_plate_nesting=None,
+        data_plate=None,
+        guide_inputs=None,
+        validate_model=False,
+        vectorize_particles=True,
     ):
         self.model = model
         self.guide = guide
         self.max_plate_nesting = max_plate_nesting
         self.data_plate = data_plate  # None until detected; False: the model has no data plate
+        self._explicit_data_plate = data_plate is not None
         self.guide_inputs = guide_inputs
         self.validate_model = validate_model
+        self.vectorize_particles = vectorize_particles
+        self.split_params = ParamSplitter()
+        self.warned = set()
         self._validated = False
+        self._enumerates = None
+        self._leaves = None
 
     def __call__(
         self,
@@ -182,31 +318,45 @@ class ParticleSampler:
         rsample_for=None,
         validate=True,
         guide_args=None,
+        subsample=None,
     ):
         """Draws ``num_particles`` particles per datum; returns :class:`Particles`.
 
         :param bool grad_guide: keep the guide's graph (reparameterised proposals).
         :param guide_args: the guide's ``(args, kwargs)`` from :meth:`inputs_for_guide`, to
             share one draw of them between calls (IWEM's E- and P-step use one completion).
-        :param guide_trace: replay these latent values instead of drawing new ones.
+        :param guide_trace: replay these latent values instead of drawing new ones (vectorised only).
         :param bool stop_proposal_params: compute log q with the guide's distribution
             parameters detached (the path through the reparameterised z is kept).
-        :param str rsample_for: if given, every guide site must be reparameterisable; the
+        :param str rsample_for: if given, every proposed site must be reparameterisable; the
             error names this algorithm.
+        :param subsample: the ``subsample`` of earlier :class:`Particles`, to draw on the same
+            minibatch of a subsampled data plate.
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
-        if self.max_plate_nesting is None:
-            self.max_plate_nesting = guess_max_plate_nesting(
+        if self.max_plate_nesting is None or self._enumerates is None:
+            nesting, self._enumerates = guess_max_plate_nesting(
                 self.model, self.guide, args, kwargs, guide_args, guide_kwargs
             )
+            self.max_plate_nesting = nesting if self.max_plate_nesting is None else self.max_plate_nesting
+            self._model_inputs = (args, kwargs)
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
         validating = is_validation_enabled() and (self.validate_model or not self._validated)
+        options = dict(
+            grad_proposal=grad_guide and torch.is_grad_enabled(),
+            stop_proposal_params=stop_proposal_params,
+            rsample_for=rsample_for,
+        )
         with pyro.validation_enabled(validating):
-            particles = self._draw(
-                num_particles, (args, kwargs), (guide_args, guide_kwargs), guide_trace, grad_guide,
-                stop_proposal_params, rsample_for,
-            )
+            if self.vectorize_particles:
+                particles = self._draw_vectorized(
+                    num_particles, (args, kwargs), (guide_args, guide_kwargs), guide_trace, subsample, options
+                )
+            else:
+                if guide_trace is not None:
+                    raise NotImplementedError("replaying a guide trace needs vectorize_particles=True")
+                particles = self._draw_loop(num_particles, (args, kwargs), (guide_args, guide_kwargs), subsample, options)
         self._validated = True
         if validate:
             _check_log_weights(particles.log_w)
@@ -218,8 +368,25 @@ class ParticleSampler:
             return args, kwargs
         return self.guide_inputs(self.model, self.guide, args, kwargs)
 
-    def _draw(self, num_particles, model_inputs, guide_inputs, guide_trace, grad_guide, stop_proposal_params, rsample_for):
+    # drawing -------------------------------------------------------------------------
+
+    def _run(self, guide, model, model_inputs, guide_inputs, subsample, options, first_enum_dim):
+        """One run of guide and replayed model: ``(guide_trace, model_trace)``."""
         (args, kwargs), (guide_args, guide_kwargs) = model_inputs, guide_inputs
+        if subsample is not None:
+            guide = poutine.replay(guide, trace=subsample)
+            model = poutine.replay(model, trace=subsample)
+        with torch.set_grad_enabled(options["grad_proposal"]):
+            guide_trace = _run_guide(guide, guide_args, guide_kwargs)
+        self._check_guide(guide_trace)
+        model = poutine.replay(model, trace=guide_trace)
+        if self._enumerates:
+            model = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
+        model = _ProposeFromModel(guide_trace, detach=not options["grad_proposal"])(model)
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        return guide_trace, model_trace
+
+    def _draw_vectorized(self, num_particles, model_inputs, guide_inputs, guide_trace, subsample, options):
         particle_dim = -1 - self.max_plate_nesting
 
         def vectorize(fn):
@@ -232,70 +399,210 @@ class ParticleSampler:
         guide = vectorize(self.guide)
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
-        grad_proposal = grad_guide and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad_proposal):
-            guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        model = _ProposeFromModel(guide_trace, detach=not grad_proposal)(
-            poutine.replay(vectorize(self.model), trace=guide_trace)
-        )
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-        return self._reduce(model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for)
+        try:
+            guide_trace, model_trace = self._run(
+                guide, vectorize(self.model), model_inputs, guide_inputs, subsample, options, particle_dim - 1
+            )
+            terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, options)
+        except ModelError:
+            raise
+        except (ValueError, RuntimeError, IndexError) as error:
+            if error.args and isinstance(error.args[0], str):
+                error.args = (f"{error.args[0]}\n({VECTORIZE_HINT})",) + error.args[1:]
+            raise
+        subsample = subsample if subsample is not None else _subsample_trace(guide_trace, model_trace)
+        return self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, options)
+
+    def _draw_loop(self, num_particles, model_inputs, guide_inputs, subsample, options):
+        ndim = 1 + self.max_plate_nesting
+        runs = []
+        for _ in range(num_particles):
+            guide_trace, model_trace = self._run(
+                self.guide, self.model, model_inputs, guide_inputs, subsample, options, -ndim
+            )
+            if subsample is None:
+                subsample = _subsample_trace(guide_trace, model_trace)
+            runs.append((guide_trace, model_trace, *self._log_densities(model_trace, guide_trace, ndim, options)))
+        stacked = [self._particles(terms, info, 1, mt, gt, subsample, options) for gt, mt, terms, info in runs]
+        first = stacked[0]
+
+        def cat(field):
+            values = [getattr(p, field) for p in stacked]
+            return None if values[0] is None else torch.cat(values, 0)
+
+        first.log_p, first.log_q, first.log_model_proposed = cat("log_p"), cat("log_q"), cat("log_model_proposed")
+        first.log_score, first.log_score_leaves = cat("log_score"), cat("log_score_leaves")
+        first.latents = [z for p in stacked for z in p.latents]
+        return first
+
+    # reducing --------------------------------------------------------------------------
+
+    def _check_guide(self, guide_trace):
+        for name, site in _density_sites(guide_trace):
+            if wants_enumeration(site) and not is_auxiliary(site):
+                warn_once(
+                    self.warned,
+                    ("guide-enumerate", name),
+                    f"guide site '{name}' is marked for enumeration: guides are sampled here, not enumerated, "
+                    "so it gets a score-function gradient; to sum it out exactly, leave it out of the guide and "
+                    "mark the model's site",
+                )
 
     def _find_data_plate(self, model_trace):
         if self.data_plate is None:
-            stacks = [
-                [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
-                for _, site in _density_sites(model_trace)
+            sites = [s for _, s in _density_sites(model_trace) if s["is_observed"]] or [
+                s for _, s in _density_sites(model_trace)
             ]
+            stacks = [[f.name for f in s["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE] for s in sites]
             common = set(stacks[0]).intersection(*stacks[1:]) if stacks else set()
             outermost = [name for name in (stacks[0] if stacks else []) if name in common]
             self.data_plate = outermost[0] if outermost else False
         return self.data_plate or None
 
-    def _reduce(self, model_trace, guide_trace, num_particles, particle_dim, stop_proposal_params, rsample_for):
+    def _log_densities(self, model_trace, guide_trace, ndim, options):
+        """Every site's per-datum log density, as :class:`_SiteTerms`, and what the weights need."""
         data_plate = self._find_data_plate(model_trace)
         frame = _data_frame(model_trace, data_plate)
-        batch = frame.size if frame is not None else 1
-        scale = frame.full_size / frame.size if frame is not None and frame.full_size else 1.0
-        shape = (num_particles, batch)
-        reduce = _Reducer(particle_dim, frame, scale, shape)
+        terms = _SiteTerms(ndim, None if frame is None else ndim + frame.dim)
+        outside = []  # latent sites outside the data plate
+        enumerated = []
+        model_proposed = []
 
-        log_p = log_model = log_q = 0.0
+        def in_plate(site):
+            return data_plate is None or any(f.name == data_plate for f in site["cond_indep_stack"])
+
         for name, site in _density_sites(model_trace):
-            if site["is_observed"]:
+            latent = not site["is_observed"]
+            if not latent:
                 _check_observed(name, site)
-            lp = reduce(name, site, data_plate)
-            log_p = log_p + lp
-            if not site["is_observed"] and name not in guide_trace.nodes:
-                log_model = log_model + lp
+            elif name in guide_trace.nodes:
+                _check_replayed_shape(name, site)
+            if latent and not in_plate(site):
+                outside.append(name)
+            log_prob = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
+            if self._enumerates and site["infer"].get("_dim_to_id"):
+                enumerated.append((site, log_prob))  # depends on an enumerated site: contracted below
+                continue
+            scale = site["scale"] / _data_scale(frame) if in_plate(site) else site["scale"]
+            log_prob = scale_and_mask(log_prob, scale, site["mask"])
+            terms.add("log_p", name, log_prob, latent, in_plate(site))
+            if latent and name not in guide_trace.nodes:
+                model_proposed.append(name)
+                terms.add("log_model_proposed", name, log_prob, latent, in_plate(site))
+                if not site["fn"].has_rsample:
+                    leaf = name in self._model_leaves()
+                    if options["rsample_for"] and not leaf:
+                        raise ModelError(
+                            f"model site '{name}' ({type(site['fn']).__name__}) is proposed from the model and is "
+                            f"not reparameterisable; {options['rsample_for']} needs reparameterised proposals: "
+                            "add it to the guide, or use IWAELoss or IWEM (score-function gradients)"
+                        )
+                    terms.add("log_score_leaves" if leaf else "log_score", name, log_prob, latent, in_plate(site))
+        if enumerated:
+            self._add_enumerated(terms, model_trace, enumerated, frame, outside)
+
         for name, site in _density_sites(guide_trace):
             if site["is_observed"]:
                 continue
-            if name not in model_trace.nodes:
-                raise ValueError(f"guide site '{name}' does not appear in the model")
-            if rsample_for and not site["fn"].has_rsample:
-                raise NotImplementedError(
-                    f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "
-                    f"{rsample_for} needs reparameterised proposals (score-function gradients are not supported)"
+            if name not in model_trace.nodes and not is_auxiliary(site):
+                raise ModelError(
+                    f"guide site '{name}' does not appear in the model; a guide-only site must be marked "
+                    "infer={'is_auxiliary': True}"
                 )
-            if stop_proposal_params:
-                site = dict(site, fn=detach(site["fn"]))
-            log_q = log_q + reduce(name, site, data_plate)
-        if not isinstance(log_p, torch.Tensor):
-            raise ValueError("the model has no sample site: there is nothing to weight")
-        zeros = log_p.new_zeros(shape)
+            if not site["fn"].has_rsample and options["rsample_for"]:
+                raise ModelError(
+                    f"guide site '{name}' ({type(site['fn']).__name__}) is not reparameterisable; "
+                    f"{options['rsample_for']} needs reparameterised proposals: use IWAELoss or IWEM, "
+                    "which give it a score-function gradient"
+                )
+            if not in_plate(site):
+                outside.append(name)
+            fn = detach(site["fn"]) if options["stop_proposal_params"] else site["fn"]
+            scale = site["scale"] / _data_scale(frame) if in_plate(site) else site["scale"]
+            log_q = scale_and_mask(_log_prob(fn, site["value"], site["args"], site["kwargs"]), scale, site["mask"])
+            terms.add("log_q", name, log_q, True, in_plate(site))
+            if not site["fn"].has_rsample:
+                terms.add("log_score", name, log_q, True, in_plate(site))
+
+        if not terms.terms or all(t[0] != "log_p" for t in terms.terms):
+            raise ModelError("the model has no sample site: there is nothing to weight")
+        shared = terms.shared_latents()
+        if (outside or shared) and self._explicit_data_plate:
+            raise ModelError(
+                f"site '{(outside or shared)[0]}' is outside the data plate '{data_plate}': per-datum importance "
+                "weights need every latent inside it (pass data_plate=None to treat the batch as one datum)"
+            )
+        for name in outside + shared:
+            warn_once(
+                self.warned,
+                ("outside", name),
+                f"latent site '{name}' is not inside the data plate '{data_plate}' (a global latent, a sizeless "
+                "plate it does not fill, or a joint autoguide's one vector for the whole batch): the minibatch "
+                "is weighted as one datum, with one importance weight per particle and an ESS out of K for the "
+                "whole batch. For per-datum weights, sample it inside the data plate (AutoNormal or an amortised "
+                "guide instead of a joint autoguide)",
+            )
+        info = dict(
+            coupled=bool(outside or shared),
+            frame=frame,
+            model_proposed=tuple(model_proposed),
+        )
+        return terms, info
+
+    def _add_enumerated(self, terms, model_trace, enumerated, frame, outside):
+        scales = {float(site["scale"]) for site, _ in enumerated}
+        if len(scales) > 1:
+            names = ", ".join(f"'{site['name']}'" for site, _ in enumerated)
+            raise ModelError(f"sites {names} depend on an enumerated site and need one common poutine.scale")
+        target = [PARTICLE_PLATE]
+        if frame is not None and not any(
+            all(f.name != frame.name for f in site["cond_indep_stack"]) and not site["is_observed"]
+            for site, _ in enumerated
+        ):
+            target.append(frame.name)
+        elif frame is not None:
+            outside.extend(site["name"] for site, _ in enumerated if not site["is_observed"])
+        masked = [(site, scale_and_mask(log_prob, 1.0, site["mask"])) for site, log_prob in enumerated]
+        log_p = contract_enumerated(model_trace, masked, target) * (scales.pop() / _data_scale(frame))
+        terms.add("log_p", enumerated[0][0]["name"], log_p, False, frame is not None and frame.name in target)
+
+    def _model_leaves(self):
+        if self._leaves is None:
+            self._leaves = _model_leaves(self.model, *self._model_inputs)
+        return self._leaves
+
+    def _particles(self, terms, info, num_particles, model_trace, guide_trace, subsample, options):
+        frame = info["frame"]
+        coupled = info["coupled"]
+        batch = 1 if coupled or frame is None else max(t.shape[1] for *_, t, _ in terms.terms)
+        totals = terms.totals((num_particles, batch), data_scale=_data_scale(frame) if coupled else None)
+        zeros = totals["log_p"].new_zeros((num_particles, batch))
+        latents = [
+            site["value"] for _, site in _density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)
+        ]
         return Particles(
-            log_p=log_p,
-            log_q=_as_tensor(log_q, zeros),
-            log_model_proposed=_as_tensor(log_model, zeros),
-            scale=scale,
+            log_p=totals["log_p"],
+            log_q=totals.get("log_q", zeros),
+            log_model_proposed=totals.get("log_model_proposed", zeros),
+            scale=1.0 if coupled else _data_scale(frame),
             model_trace=model_trace,
             guide_trace=guide_trace,
+            log_score=totals.get("log_score"),
+            log_score_leaves=totals.get("log_score_leaves"),
+            latents=latents,
+            model_params=param_values(model_trace),
+            guide_params=param_values(guide_trace),
+            subsample=subsample,
+            model_proposed=info["model_proposed"],
+            guide_has_graph=options["grad_proposal"],
+            splitter=self.split_params,
         )
 
 
-def _as_tensor(value, zeros):
-    return value if isinstance(value, torch.Tensor) else zeros
+def _data_scale(frame):
+    if frame is None or frame.full_size is None or frame.size is None or frame.size < 1 or frame.full_size < 1:
+        return 1.0
+    return frame.full_size / frame.size
 
 
 def _data_frame(trace, data_plate):
@@ -305,43 +612,24 @@ def _data_frame(trace, data_plate):
         for frame in site["cond_indep_stack"]:
             if frame.name == data_plate:
                 return frame
-    raise ValueError(f"data_plate '{data_plate}' is not a plate of the model")
+    raise ModelError(f"data_plate '{data_plate}' is not a plate of the model")
 
 
-class _Reducer:
-    """Reduces one site's log density to (particles, data), applying non-data-plate scales."""
-
-    def __init__(self, particle_dim, frame, data_scale, shape):
-        self.particle_dim = particle_dim
-        self.frame = frame
-        self.data_scale = data_scale
-        self.shape = shape
-
-    def __call__(self, name, site, data_plate):
-        lp = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
-        scale = site["scale"]
-        if self.data_scale != 1.0:
-            scale = scale / self.data_scale
-        lp = scale_and_mask(lp, scale, site["mask"])
-        if data_plate is not None and all(f.name != data_plate for f in site["cond_indep_stack"]):
-            raise ValueError(
-                f"site '{name}' is outside the data plate '{data_plate}': per-datum importance weights "
-                "need every site inside it (pass data_plate=None to treat the batch as one datum)"
-            )
-        ndim = -self.particle_dim
-        if lp.dim() > ndim:
-            raise ValueError(
-                f"site '{name}' has batch shape {tuple(lp.shape)} with dims left of the particle plate "
-                f"(dim {self.particle_dim}): declare its batch dims with plates or .to_event()"
-            )
-        lp = lp.reshape((1,) * (ndim - lp.dim()) + lp.shape)
-        keep = {0} if self.frame is None else {0, ndim + self.frame.dim}
-        summed = [d for d in range(ndim) if d not in keep]
-        if summed:
-            lp = lp.sum(summed)
-        if self.frame is None:
-            lp = lp.unsqueeze(-1)
-        return lp.expand(self.shape)
+def _check_replayed_shape(name, site):
+    """A latent replayed from the guide must have the shape the model's distribution gives it."""
+    value, fn = site["value"], site["fn"]
+    expected = tuple(fn.batch_shape + fn.event_shape)
+    event = tuple(fn.event_shape)
+    try:
+        broadcast = tuple(torch.broadcast_shapes(value.shape, expected))
+    except RuntimeError:
+        broadcast = None
+    if broadcast != tuple(value.shape) or tuple(value.shape[value.dim() - len(event) :]) != event:
+        raise ModelError(
+            f"site '{name}': the guide's value has shape {tuple(value.shape)}, but the model's distribution "
+            f"has batch shape {tuple(fn.batch_shape)} and event shape {event}; make the guide sample "
+            "the site with the model's shape"
+        )
 
 
 def _log_prob(fn, value, args, kwargs):
@@ -364,7 +652,7 @@ def _log_prob(fn, value, args, kwargs):
 def _check_observed(name, site):
     value = site["value"]
     if torch.is_floating_point(value) and not torch.isfinite(value).all():
-        raise ValueError(
+        raise ModelError(
             f"observed site '{name}' contains NaN or Inf values; fill missing entries with any finite "
             "value and mark them with obs_mask= or pyro_iwem.observe_masked"
         )
@@ -372,18 +660,11 @@ def _check_observed(name, site):
 
 def _check_log_weights(log_w):
     if torch.isnan(log_w).any():
-        raise ValueError("NaN importance log weight: a model or guide log density is NaN")
+        raise ModelError("NaN importance log weight: a model or guide log density is NaN")
     dead = (log_w == -math.inf).all(0)
     if dead.any():
         index = dead.nonzero()[0].item()
-        raise ValueError(
+        raise ModelError(
             f"all {log_w.shape[0]} importance log weights are -inf for datum {index}: the guide only "
             "proposes values where the model has zero density"
         )
-
-
-def theta_and_phi(particles: Particles, theta: set | None = None):
-    """The unconstrained parameters the model touches (θ) and those only the guide touches (φ)."""
-    theta = param_values(particles.model_trace) if theta is None else theta
-    phi = param_values(particles.guide_trace) - theta
-    return theta, phi

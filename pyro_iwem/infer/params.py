@@ -1,0 +1,74 @@
+r"""θ and φ by what each density depends on, found from the autograd graph.
+
+IWEM steps two groups of parameters with two objectives: the M-step steps θ, the parameters
+:math:`\log p(x, z; \theta)` depends on with the latents :math:`z` held fixed; the P-step
+steps φ, the parameters the guide's distributions depend on, less θ (DESIGN §2: the P-step
+never updates θ, even when a proposal calls the decoder). Which Pyro program *registers* a
+parameter does not decide it: a network registered whole in model and guide with one
+``pyro.module`` (Pyro's semi-supervised VAE) has its decoder in θ and its encoder in φ.
+
+The split is read off the graph of one draw of particles: the leaves reachable from
+:math:`\log p` without passing through a latent value the guide drew are θ; those reachable
+from :math:`\log q` and the guide's latent values are the guide's. It is cached per set of
+parameter names, so a step walks the graph only when a new parameter appears.
+"""
+
+from typing import NamedTuple
+
+
+class ParamGroups(NamedTuple):
+    """Unconstrained parameter tensors: ``theta`` (the model's density), ``phi`` (the guide's
+    distributions, less θ) and ``shared`` (θ parameters the guide's distributions use too)."""
+
+    theta: set
+    phi: set
+    shared: set
+
+
+def graph_leaves(roots, stop=()):
+    """The leaf tensors (parameters) the autograd graph of ``roots`` reaches, without passing
+    through the tensors in ``stop`` (their own ancestors are not visited)."""
+    stop_nodes = {t.grad_fn for t in stop if t.grad_fn is not None}
+    stop_leaves = {id(t) for t in stop if t.grad_fn is None}
+    pending = [r.grad_fn for r in roots if r is not None and getattr(r, "grad_fn", None) is not None]
+    leaves, seen = [], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node in stop_nodes:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in stop_leaves:
+                leaves.append(variable)
+            continue
+        pending.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+class ParamSplitter:
+    """Finds and caches the θ/φ split of a model and guide from their graphs (see module doc)."""
+
+    def __init__(self):
+        self._theta = {}  # frozenset of model and guide param names -> θ names
+        self._guide = {}  # the same key -> names the guide's distributions depend on
+
+    def __call__(self, particles):
+        """:class:`ParamGroups` for ``particles``; φ is empty when the guide ran without a graph."""
+        params = {**particles.guide_params, **particles.model_params}
+        key = frozenset(params)
+        ids = {id(t): name for name, t in params.items()}
+        if key not in self._theta and particles.log_p.requires_grad:
+            leaves = graph_leaves([particles.log_p], stop=particles.latents)
+            self._theta[key] = frozenset(ids[id(t)] for t in leaves if id(t) in ids)
+        if key not in self._guide and particles.guide_has_graph:
+            roots = [particles.log_q, particles.log_score, *particles.latents]
+            leaves = graph_leaves([r for r in roots if r is not None])
+            self._guide[key] = frozenset(ids[id(t)] for t in leaves if id(t) in ids)
+        theta = self._theta.get(key, frozenset())
+        guide = self._guide.get(key, frozenset())
+        return ParamGroups(
+            theta={params[n] for n in theta},
+            phi={params[n] for n in guide - theta},
+            shared={params[n] for n in guide & theta},
+        )
