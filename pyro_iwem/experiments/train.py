@@ -49,6 +49,22 @@ from .setup import (
 )
 
 
+class _RunningMean:
+    """The mean of the finite values added (``nan`` before any)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value):
+        if value is not None and math.isfinite(value):
+            self.total += value
+            self.count += 1
+
+    @property
+    def value(self):
+        return self.total / self.count if self.count else math.nan
+
+
 def _fmt(value, spec=".2f"):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -176,7 +192,11 @@ class Trainer:
         return self.epoch >= self.args.epochs or self.bad_epochs >= self.args.patience
 
     def train_epoch(self):
-        """One pass over the training batches; returns ``(loss per datum, mean ESS, α)``."""
+        """One pass over the training batches; returns ``(loss per datum, mean ESS, α, mean bound)``.
+
+        The bound is IWEM's :attr:`~pyro_iwem.infer.IWEM.bound` (the IWAE bound of its E-step
+        particles, per datum): IWEM's loss is −Q̂_α, not a bound, so the bar shows the bound
+        to set beside IWAE's loss."""
         from tqdm.auto import tqdm
 
         args, method = self.args, self.method
@@ -195,7 +215,8 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        loss_sum, count, ess_sum, ess_count = 0.0, 0, 0.0, 0
+        loss_sum, count = 0.0, 0
+        means = {"ESS": _RunningMean(), "bound": _RunningMean()}
         for batch in bar:
             loss = method.step(*batch) if masked else method.step(batch)
             if not math.isfinite(loss):
@@ -206,19 +227,15 @@ class Trainer:
                 )
             loss_sum += loss
             count += len(batch[0]) if masked else len(batch)
-            ess = method.ess
-            if ess is not None and math.isfinite(ess):
-                ess_sum += ess
-                ess_count += 1
+            means["ESS"].add(method.ess)
+            means["bound"].add(method.bound)
             postfix = {"loss": f"{loss_sum / count:.3f}"}
             if alpha is not None:
                 postfix["α"] = f"{alpha:.2f}"
-            if ess_count:
-                postfix["ESS"] = f"{ess_sum / ess_count:.2f}"
+            postfix.update({name: f"{m.value:.2f}" for name, m in means.items() if m.count})
             bar.set_postfix(postfix, refresh=False)
         bar.close()
-        mean_ess = ess_sum / ess_count if ess_count else math.nan
-        return loss_sum / count, mean_ess, alpha
+        return loss_sum / count, means["ESS"].value, alpha, means["bound"].value
 
     def validate(self):
         args = self.args
@@ -263,7 +280,7 @@ class Trainer:
             self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
         while not self.done:
             epoch_start = time.perf_counter()
-            loss, ess, alpha = self.train_epoch()
+            loss, ess, alpha, bound = self.train_epoch()
             self.method.end_epoch()
             valid_ll = self.validate()
             self.epoch += 1
@@ -286,12 +303,20 @@ class Trainer:
                 self.bad_epochs += 1
             seconds = time.perf_counter() - epoch_start
             self.history.append(
-                {"epoch": self.epoch, "train_loss": loss, "valid_ll": valid_ll, "alpha": alpha, "ess": ess, "seconds": seconds}
+                {
+                    "epoch": self.epoch,
+                    "train_loss": loss,
+                    "train_bound": bound,
+                    "valid_ll": valid_ll,
+                    "alpha": alpha,
+                    "ess": ess,
+                    "seconds": seconds,
+                }
             )
             self.save_checkpoint(self.prior_seconds + time.perf_counter() - start)
             self.log(
                 f"epoch {self.epoch}/{args.epochs}  loss/datum {loss:.3f}  valid LL {valid_ll:.3f}"
-                f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  {seconds:.1f} s"
+                f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  bound {_fmt(bound)}  {seconds:.1f} s"
             )
         if self.bad_epochs >= args.patience:
             self.log(f"early stop: no validation gain in {self.bad_epochs} epochs at α = 1")

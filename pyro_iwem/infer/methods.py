@@ -13,10 +13,12 @@ from .missing import ImputedInputs, ZeroFilledInputs
 
 class SVIStep(SVI):
     """:class:`pyro.infer.SVI` with the attributes an :class:`IWEM` step has, so that training
-    code treats every method alike (α and ESS are not defined for these methods)."""
+    code treats every method alike (α, ESS and IWEM's E-step bound are not defined for these
+    methods; their loss is already the negated bound)."""
 
     alpha = None
     ess = math.nan
+    bound = math.nan
 
     def end_epoch(self):
         pass
