@@ -46,9 +46,16 @@ def gradients(loss, params, retain_graph=False):
         return {}
     grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     found = {p: g for p, g in zip(params, grads) if g is not None}
-    if found and not torch.stack([torch.isfinite(g).all() for g in found.values()]).all():
+    if found and not _all_finite(list(found.values())):
         raise ModelError("a gradient is NaN or infinite: no parameter was changed")
     return found
+
+
+def _all_finite(tensors):
+    """One fused norm over ``tensors`` (inf or NaN if any entry is)."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    norm = total_norm(tensors) if total_norm else torch.stack([t.norm() for t in tensors]).norm()
+    return bool(torch.isfinite(norm))
 
 
 def accumulate_grads(grads):

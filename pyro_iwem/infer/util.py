@@ -1,6 +1,13 @@
 """Errors and warnings the machinery raises about a user's model and guide."""
 
+import os
+import sys
 import warnings
+
+import pyro
+import torch
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) for m in (sys.modules[__name__.rsplit(".", 1)[0]], pyro, torch))
 
 
 class ModelError(ValueError):
@@ -15,4 +22,12 @@ def warn_once(seen, key, message):
     """Warn ``message`` (a :class:`ModelWarning`) unless ``key`` is already in the set ``seen``."""
     if key not in seen:
         seen.add(key)
-        warnings.warn(message, ModelWarning, stacklevel=4)
+        warnings.warn(message, ModelWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel():
+    """The stack level of the first frame outside pyro_iwem.infer, Pyro and PyTorch: the user's call."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
