@@ -307,6 +307,133 @@ def make_plain_iwae(ctx):
     return step, (encoder, decoder)
 
 
+# --------------------------------------------------------------------------------------
+# A discrete-latent model: the same MLPs with 40 Bernoulli latents (a binary-code VAE)
+# --------------------------------------------------------------------------------------
+
+
+class BernoulliEncoder(nn.Module):
+    """q(z | x): 784-300-300 tanh -> 40 Bernoulli logits (not reparameterisable)."""
+
+    def __init__(self, x_dim=X_DIM, h_dim=H_DIM, z_dim=Z_DIM):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(x_dim, h_dim), nn.Tanh(), nn.Linear(h_dim, h_dim), nn.Tanh(), nn.Linear(h_dim, z_dim)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def discrete_fresh(ctx):
+    """Fresh copies of a Bernoulli encoder and a decoder, the same for every implementation."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        encoder = BernoulliEncoder().to(device=ctx.x.device, dtype=ctx.x.dtype)
+        decoder = Decoder().to(device=ctx.x.device, dtype=ctx.x.dtype)
+    return encoder, decoder
+
+
+def bernoulli_log_prob(z, logits):
+    return -F.binary_cross_entropy_with_logits(logits.expand_as(z), z, reduction="none").sum(-1)
+
+
+def discrete_log_joint(decoder, x, z):
+    """log p(x, z) with a uniform Bernoulli(1/2) prior on the 40 bits."""
+    logits = decoder(z)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    return z.shape[-1] * math.log(0.5) + log_px
+
+
+def discrete_pyro_model_and_guide(encoder, decoder, prefix):
+    def model(x):
+        pyro.module(prefix + "decoder", decoder)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            half = x.new_full((x.shape[0], Z_DIM), 0.5)
+            z = pyro.sample("z", dist.Bernoulli(half).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module(prefix + "encoder", encoder)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Bernoulli(logits=encoder(x)).to_event(1))
+
+    return model, guide
+
+
+def make_pyro_discrete(name):
+    def factory(ctx):
+        encoder, decoder = discrete_fresh(ctx)
+        model, guide = discrete_pyro_model_and_guide(encoder, decoder, f"copy{next(_PYRO_COPIES)}_")
+        method = pyro_iwem.build_method(
+            name, model, guide, K=ctx.K, J=ctx.J, optim=pyro.optim.Adam({"lr": ctx.lr}), max_plate_nesting=1
+        )
+        x = ctx.x
+        return (lambda: method.step(x)), (encoder, decoder)
+
+    return factory
+
+
+def vimco_surrogate(ell, log_q):
+    """log-mean-exp of ell plus VIMCO's zero-valued score term Σ_n (F - F_-n) (log q_n - ⌊log q_n⌋)."""
+    n = ell.shape[0]
+    value = torch.logsumexp(ell, 0) - math.log(n)
+    e = ell.detach()
+    others = (e.sum(0, keepdim=True) - e) / (n - 1)
+    replaced = torch.where(torch.eye(n, dtype=torch.bool, device=e.device)[..., None], others[:, None], e[None])
+    signal = (torch.logsumexp(e, 0) - math.log(n)) - (torch.logsumexp(replaced, 1) - math.log(n))
+    return value + (signal * (log_q - log_q.detach())).sum(0)
+
+
+def make_plain_discrete_iwem(ctx):
+    """Plain-PyTorch IWEM (α = 1) on the Bernoulli-latent model: detached snIS M-step, then a
+    VIMCO P-step on eq. (7) at θ_{t+1}; θ-only and φ-only autograd.grad."""
+    encoder, decoder = discrete_fresh(ctx)
+    theta, phi = list(decoder.parameters()), list(encoder.parameters())
+    opt_dec, opt_enc = torch.optim.Adam(theta, lr=ctx.lr), torch.optim.Adam(phi, lr=ctx.lr)
+    x, K, J = ctx.x, ctx.K, ctx.J
+
+    def step():
+        with torch.no_grad():
+            logits = encoder(x)
+            z = torch.bernoulli(torch.sigmoid(logits).expand((K,) + logits.shape))
+            log_q = bernoulli_log_prob(z, logits)
+        log_p = discrete_log_joint(decoder, x, z)
+        loss = -(torch.softmax(log_p.detach() - log_q, 0) * log_p).sum()
+        _set_grads(theta, loss)
+        opt_dec.step()
+        opt_dec.zero_grad()
+        logits = encoder(x)
+        z = torch.bernoulli(torch.sigmoid(logits.detach()).expand((J,) + logits.shape))
+        log_q = bernoulli_log_prob(z, logits)
+        log_p = discrete_log_joint(decoder, x, z)
+        _set_grads(phi, -vimco_surrogate(log_p.abs().log() + log_p - log_q, log_q).sum())
+        opt_enc.step()
+        opt_enc.zero_grad()
+        return loss.item()
+
+    return step, (encoder, decoder)
+
+
+def make_plain_discrete_iwae(ctx):
+    """Plain-PyTorch VIMCO-IWAE on the Bernoulli-latent model: one pass, one backward, one Adam."""
+    encoder, decoder = discrete_fresh(ctx)
+    opt = torch.optim.Adam(itertools.chain(encoder.parameters(), decoder.parameters()), lr=ctx.lr)
+    x, K = ctx.x, ctx.K
+
+    def step():
+        logits = encoder(x)
+        z = torch.bernoulli(torch.sigmoid(logits.detach()).expand((K,) + logits.shape))
+        log_q = bernoulli_log_prob(z, logits)
+        loss = -vimco_surrogate(discrete_log_joint(decoder, x, z) - log_q, log_q).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    return step, (encoder, decoder)
+
+
 METHODS = {
     "pyro_iwem_a05": Method(make_pyro_iwem(0.5), "pyro_iwem.IWEM step, alpha = 0.5 (K snIS + L ELBO particles)"),
     "pyro_iwem_a1": Method(make_pyro_iwem(1.0), "pyro_iwem.IWEM step, alpha = 1 (annealing=None)"),
@@ -320,6 +447,13 @@ METHODS = {
     ),
     "plain_iwae": Method(make_plain_iwae, "plain IWAE, K particles, one Adam step on all params"),
 }
+DISCRETE = {
+    "pyro_iwem_discrete": Method(make_pyro_discrete("iwem-woa"), "pyro_iwem IWEM (alpha = 1), 40 Bernoulli latents"),
+    "plain_iwem_discrete": Method(make_plain_discrete_iwem, "plain IWEM with a VIMCO P-step, 40 Bernoulli latents"),
+    "pyro_iwae_discrete": Method(make_pyro_discrete("iwae"), "pyro_iwem IWAELoss (VIMCO), 40 Bernoulli latents"),
+    "plain_iwae_discrete": Method(make_plain_discrete_iwae, "plain VIMCO-IWAE, 40 Bernoulli latents"),
+}
+METHODS.update({name: Method(m.factory, m.description, default=False) for name, m in DISCRETE.items()})
 # every method of the package, each timed against plain IWAE (run with --methods baselines)
 BASELINES = ["vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem"]
 for _name in BASELINES:
@@ -341,7 +475,11 @@ RATIOS = [
     ("smart_iwem_a1", "plain_iwae", None),
     ("plain_iwem_a05", "plain_iwae", None),
     ("plain_iwem_a1", "plain_iwae", None),
-] + [(f"pyro_{name}", "plain_iwae", None) for name in BASELINES]
+] + [(f"pyro_{name}", "plain_iwae", None) for name in BASELINES] + [
+    ("pyro_iwem_discrete", "plain_iwem_discrete", None),
+    ("pyro_iwae_discrete", "plain_iwae_discrete", None),
+    ("pyro_iwem_discrete", "plain_iwae_discrete", None),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -666,6 +804,8 @@ def main(argv=None):
     names = args.methods.split(",") if args.methods else [n for n, m in METHODS.items() if m.default]
     if names == ["baselines"]:
         names = ["plain_iwae"] + [f"pyro_{name}" for name in BASELINES]
+    if names == ["discrete"]:
+        names = list(DISCRETE)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         sys.exit(f"unknown methods {unknown}; known: {list(METHODS)}")
