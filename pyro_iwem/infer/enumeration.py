@@ -75,7 +75,10 @@ def contract_enumerated(trace, sites, target_plates):
         ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
         tree.setdefault(ordinal, []).append(pack(log_prob, dim_to_symbol))
         sum_dims.update(s for s in dim_to_symbol.values() if s not in plate_symbols)
-    target = frozenset(trace.plate_to_symbol[name] for name in target_plates if name in trace.plate_to_symbol)
+    present = {symbol for terms in tree.values() for term in terms for symbol in term._pyro_dims}
+    target = frozenset(  # a plate of size 1 has no dim in the packed terms
+        trace.plate_to_symbol[name] for name in target_plates if trace.plate_to_symbol.get(name) in present
+    )
     return unpack(contract_to_tensor(tree, sum_dims, target_ordinal=target), trace.symbol_to_dim)
 
 

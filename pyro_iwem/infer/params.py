@@ -9,8 +9,10 @@ parameter does not decide it: a network registered whole in model and guide with
 
 The split is read off the graph of one draw of particles: the leaves reachable from
 :math:`\log p` without passing through a latent value the guide drew are θ; those reachable
-from :math:`\log q` and the guide's latent values are the guide's. It is cached per set of
-parameter names, so a step walks the graph only when a new parameter appears.
+from :math:`\log q` and the guide's latent values are the guide's. It is cached per structure
+(the parameter names and the sample sites of model and guide, observed or not), so a step
+walks the graph only when the programs take a new branch: a labelled batch of a
+semi-supervised model, whose guide does not call the classifier, has a split of its own.
 """
 
 from typing import NamedTuple
@@ -50,13 +52,13 @@ class ParamSplitter:
     """Finds and caches the θ/φ split of a model and guide from their graphs (see module doc)."""
 
     def __init__(self):
-        self._theta = {}  # frozenset of model and guide param names -> θ names
+        self._theta = {}  # (param names, site structure) -> θ names
         self._guide = {}  # the same key -> names the guide's distributions depend on
 
     def __call__(self, particles):
         """:class:`ParamGroups` for ``particles``; φ is empty when the guide ran without a graph."""
         params = {**particles.guide_params, **particles.model_params}
-        key = frozenset(params)
+        key = (frozenset(params), particles.structure)
         ids = {id(t): name for name, t in params.items()}
         if key not in self._theta and particles.log_p.requires_grad:
             leaves = graph_leaves([particles.log_p], stop=particles.latents)

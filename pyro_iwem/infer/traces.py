@@ -84,6 +84,7 @@ class Particles:
     model_proposed: tuple = ()
     guide_has_graph: bool = False
     splitter: ParamSplitter | None = None
+    structure: frozenset = frozenset()
 
     @property
     def log_w(self):
@@ -142,7 +143,10 @@ class _ProposeFromModel(Messenger):
         self.detach = detach
 
     def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["name"] in self.guide_trace.nodes or site_is_subsample(msg):
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        if msg["name"] in self.guide_trace.nodes:
+            _check_replayed_shape(msg["name"], msg)  # before the model computes with the value
             return
         if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
             return
@@ -199,6 +203,9 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
+    for trace in (guide_trace, model_trace):
+        for name, site in _density_sites(trace):
+            _check_batch_dims_declared(name, site)
     enumerates = any(wants_enumeration(site) for _, site in _density_sites(model_trace))
     return max(dims, default=0), enumerates
 
@@ -379,9 +386,9 @@ class ParticleSampler:
         with torch.set_grad_enabled(options["grad_proposal"]):
             guide_trace = _run_guide(guide, guide_args, guide_kwargs)
         self._check_guide(guide_trace)
-        model = poutine.replay(model, trace=guide_trace)
-        if self._enumerates:
+        if self._enumerates:  # inside the replay, so that enum sees (and tracks) every site first
             model = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
+        model = poutine.replay(model, trace=guide_trace)
         model = _ProposeFromModel(guide_trace, detach=not options["grad_proposal"])(model)
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         return guide_trace, model_trace
@@ -475,8 +482,6 @@ class ParticleSampler:
             latent = not site["is_observed"]
             if not latent:
                 _check_observed(name, site)
-            elif name in guide_trace.nodes:
-                _check_replayed_shape(name, site)
             if latent and not in_plate(site):
                 outside.append(name)
             log_prob = _log_prob(site["fn"], site["value"], site["args"], site["kwargs"])
@@ -596,7 +601,17 @@ class ParticleSampler:
             model_proposed=info["model_proposed"],
             guide_has_graph=options["grad_proposal"],
             splitter=self.split_params,
+            structure=_structure(model_trace, guide_trace),
         )
+
+
+def _structure(model_trace, guide_trace):
+    """The sample sites of model and guide, and which are observed: what a θ/φ split depends on."""
+    return frozenset(
+        (which, name, site["is_observed"])
+        for which, trace in (("model", model_trace), ("guide", guide_trace))
+        for name, site in _density_sites(trace)
+    )
 
 
 def _data_scale(frame):
@@ -619,6 +634,7 @@ def _check_replayed_shape(name, site):
     """A latent replayed from the guide must have the shape the model's distribution gives it."""
     value, fn = site["value"], site["fn"]
     expected = tuple(fn.batch_shape + fn.event_shape)
+    expected = expected[max(0, len(expected) - value.dim()) :]  # enumerated dims left of the value's
     event = tuple(fn.event_shape)
     try:
         broadcast = tuple(torch.broadcast_shapes(value.shape, expected))
@@ -629,6 +645,18 @@ def _check_replayed_shape(name, site):
             f"site '{name}': the guide's value has shape {tuple(value.shape)}, but the model's distribution "
             f"has batch shape {tuple(fn.batch_shape)} and event shape {event}; make the guide sample "
             "the site with the model's shape"
+        )
+
+
+def _check_batch_dims_declared(name, site):
+    """Every batch dim of size > 1 must belong to a plate: the particle plate goes left of them."""
+    declared = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+    shape = site["fn"].batch_shape
+    undeclared = [d - len(shape) for d, size in enumerate(shape) if size > 1 and d - len(shape) not in declared]
+    if undeclared:
+        raise ModelError(
+            f"site '{name}' has batch shape {tuple(shape)}, and its dim {undeclared[0]} belongs to no plate: "
+            "declare every batch dim with a pyro.plate, or move it into the event with .to_event()"
         )
 
 
