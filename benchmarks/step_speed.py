@@ -590,6 +590,8 @@ def check_correctness(args):
     pairs = [
         ("pyro_iwem_a1", ["plain_iwem_a1", "smart_iwem_a1"]),
         ("pyro_iwem_a05", ["smart_iwem_a05", "smart_iwem_a05_tdist", "plain_iwem_a05"]),
+        ("pyro_iwem_discrete", ["plain_iwem_discrete"]),  # VIMCO P-step, Bernoulli latents
+        ("pyro_iwae_discrete", ["plain_iwae_discrete"]),  # VIMCO IWAE
     ]
     for reference, others in pairs:
         finals = {}

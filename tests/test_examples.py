@@ -1,6 +1,7 @@
 """The examples run as a user would copy them (shortened)."""
 
 import importlib.util
+import math
 import pathlib
 import re
 
@@ -20,3 +21,32 @@ def test_missing_data_example_imputes(capsys):
     mse = dict(re.findall(r"imputation MSE, (.+?)\s*: ([0-9.]+)", out))
     assert set(mse) == {"miss-IWEM", "column means"}
     assert float(mse["miss-IWEM"]) < float(mse["column means"])  # the fitted model beats column means
+
+
+def test_mixture_example_enumerated_bound_is_exact_and_sampled_bound_is_below(capsys):
+    results = load("mixture").main(["--steps", "300", "--eval-K", "200"])
+    out = capsys.readouterr().out
+    assert out.count("test log-likelihood per datum: iwae_bound") == 2
+    for name in ("enumerated", "sampled"):
+        r = results[name]
+        values = [r["bound"], r["exact"], r["true"], r["train_exact"], r["train_true"], *r["weights"], *r["locs"]]
+        assert all(math.isfinite(v) for v in values), (name, r)
+        assert r["bound"] <= r["exact"] + 0.01, (name, r)  # a lower bound, up to Monte Carlo slack
+        assert r["train_exact"] > r["train_true"] - 0.02, (name, r)  # fitted: near the maximum on its data
+        assert abs(sum(r["weights"]) - 1) < 1e-5
+        assert max(abs(w - t) for w, t in zip(r["weights"], [0.5, 0.3, 0.2])) < 0.05, (name, r["weights"])
+        assert max(abs(m - t) for m, t in zip(r["locs"], [-2.0, 0.5, 3.0])) < 0.3, (name, r["locs"])
+    # c summed out and nothing else latent: every weight is p(x) itself, the bound is the likelihood
+    assert abs(results["enumerated"]["bound"] - results["enumerated"]["exact"]) < 1e-4
+
+
+def test_autoguide_example_bound_below_exact_below_maximum(capsys):
+    results = load("autoguide").main(["--steps", "300", "--eval-K", "200"])
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+train\s+-?[0-9.]+\s+-?[0-9.]+\s+-?[0-9.]+$", out, re.M), out
+    for split in ("train", "test"):
+        r = results[split]
+        assert all(math.isfinite(v) for v in r.values()), (split, r)
+        assert r["bound"] <= r["exact"] + 0.01, (split, r)  # a lower bound, up to Monte Carlo slack
+        assert r["exact"] > r["ml"] - 1.0, (split, r)  # it learned: from about -17.7 per datum at the start
+    assert results["train"]["exact"] <= results["train"]["ml"] + 1e-6  # nothing beats the maximum likelihood

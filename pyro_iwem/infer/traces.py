@@ -160,6 +160,15 @@ class _ProposeFromModel(Messenger):
             msg["value"] = msg["fn"].sample()
 
 
+class _EnumerationAnnotations(Messenger):
+    """Records whether any model site asks for enumeration (as the model wrote it)."""
+
+    found = False
+
+    def _pyro_sample(self, msg):
+        self.found = self.found or wants_enumeration(msg)
+
+
 def _run_guide(guide, args, kwargs):
     """Traces the guide; an error on data holding NaN or Inf is reported as such."""
     try:
@@ -192,9 +201,10 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
     Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
     guide_args = args if guide_args is None else guide_args
     guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
+    annotations = _EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
     with poutine.block(), torch.no_grad(), torch.random.fork_rng():
         guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
+        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(annotations(model), trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
@@ -206,8 +216,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
     for trace in (guide_trace, model_trace):
         for name, site in _density_sites(trace):
             _check_batch_dims_declared(name, site)
-    enumerates = any(wants_enumeration(site) for _, site in _density_sites(model_trace))
-    return max(dims, default=0), enumerates
+    return max(dims, default=0), annotations.found
 
 
 def _model_leaves(model, args, kwargs):
