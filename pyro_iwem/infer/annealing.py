@@ -37,17 +37,20 @@ class Annealing:
 
     @classmethod
     def over(cls, num_steps, increments=100):
-        r"""α from 0 to 1 in ``increments`` equal steps spread over a run of ``num_steps`` steps
-        (reaching 1 at ``num_steps``): the paper's schedule fitted to a run of any length,
-        e.g. ``IWEM(model, guide, annealing=Annealing.over(3000))`` for 3 000 steps."""
+        r"""α from 0 to 1 in about ``increments`` equal steps over a run of ``num_steps`` steps,
+        reaching 1 at step ``num_steps`` and not before: the paper's schedule fitted to a run of
+        any length, e.g. ``IWEM(model, guide, annealing=Annealing.over(3000))`` for 3 000 steps.
+        The increments come every ``d`` steps, ``d`` the largest divisor of ``num_steps`` not
+        above ``num_steps / increments`` (so a prime ``num_steps`` raises α every step)."""
         if not (isinstance(num_steps, int) and num_steps >= 1):
             raise ValueError(f"Annealing.over: num_steps must be a positive integer, got {num_steps!r}")
-        every = max(1, num_steps // increments)
-        return cls(increment=1.0 / math.ceil(num_steps / every), every=every)
+        every = max(d for d in range(1, max(1, num_steps // increments) + 1) if num_steps % d == 0)
+        return cls(increment=every / num_steps, every=every)
 
     @property
     def alpha(self):
-        return min(self.start + self.increment * (self.count // self.every), self.stop)
+        alpha = self.start + self.increment * (self.count // self.every)
+        return self.stop if alpha >= self.stop - 1e-9 else alpha  # n increments of 1/n reach 1
 
     def step(self):
         """Count one optimisation step (``unit="step"``)."""

@@ -20,6 +20,33 @@ def gradient_step(loss, params, optim):
         p.grad = None
 
 
+class _Snapshot:
+    """Parameters' values and their optimiser state (one torch optimiser per parameter, as
+    :class:`pyro.optim.PyroOptim` keeps them), to undo an M-step whose P-step refused."""
+
+    def __init__(self, params, optim):
+        self.optim = optim
+        self.values = {p: p.detach().clone() for p in params}
+        self.states = {p: _clone_state(self._optimizer(p).state.get(p, {})) for p in params if self._optimizer(p)}
+
+    def _optimizer(self, p):
+        found = self.optim.optim_objs.get(p)
+        return getattr(found, "optimizer", found)  # an LR scheduler wraps its optimiser
+
+    def restore(self):
+        with torch.no_grad():
+            for p, value in self.values.items():
+                p.copy_(value)
+        for p in self.values:
+            optimizer = self._optimizer(p)
+            if optimizer is not None:
+                optimizer.state[p] = self.states.get(p, {})
+
+
+def _clone_state(state):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 class IWEM:
     r"""Importance weighted EM: an E-step, an M-step on θ and a P-step on φ per :meth:`step`.
 
@@ -122,10 +149,17 @@ class IWEM:
         return particles, loss
 
     def step(self, *args, **kwargs):
-        r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`."""
+        r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`.
+
+        All or nothing: if the P-step refuses (a non-finite loss or gradient at
+        :math:`\theta_{t+1}`), θ and its optimiser state are put back as they were."""
         guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
-        loss, theta, subsample = self._m_step(args, kwargs, guide_args)
-        self.p_loss = self._p_step(theta, args, kwargs, guide_args, subsample)
+        loss, theta, subsample, before = self._m_step(args, kwargs, guide_args)
+        try:
+            self.p_loss = self._p_step(theta, args, kwargs, guide_args, subsample)
+        except Exception:
+            before.restore()
+            raise
         self.annealing.step()
         self.num_steps += 1
         return loss
@@ -141,11 +175,12 @@ class IWEM:
                 "the model's log density depends on no parameter that requires a gradient: the M-step updates "
                 "nothing (register the model's parameters with pyro.param or pyro.module)",
             )
+        before = _Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
         log_w = particles.log_w[: self.K].detach()
         self.ess = effective_sample_size(log_w).mean().item()
         self.bound = log_mean_exp(log_w).mean().item()
-        return loss.item(), theta, particles.subsample
+        return loss.item(), theta, particles.subsample, before
 
     def _p_step(self, theta, args, kwargs, guide_args, subsample):
         particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
