@@ -8,6 +8,7 @@ import torch
 from .masks import patch_mask
 from .rng import derive_seed, torch_generator
 
+#: The split names of :class:`ImageData`, in order.
 SPLITS = ("train", "valid", "test")
 
 # Stream tags, mixed into seeds as ``(seed, stream, ...)`` so that each random choice

@@ -135,6 +135,7 @@ IMAGE_LOADERS = {
     "digits-8x8": load_digits_binary,
 }
 
+#: The names :func:`load_images` accepts.
 IMAGE_DATASETS = tuple(IMAGE_LOADERS)
 
 

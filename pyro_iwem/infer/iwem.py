@@ -88,7 +88,7 @@ class IWEM:
 
     θ are the parameters :math:`\log p` depends on with the latents fixed, φ those the guide's
     distributions depend on, less θ; both are found from the graph
-    (:mod:`pyro_iwem.infer.params`), with a warning if either is empty.
+    (``pyro_iwem.infer.params``), with a warning if either is empty.
 
     After each step, :attr:`ess` is the E-step's effective sample size (mean over the
     batch), :attr:`bound` the IWAE bound of the E-step's K particles at :math:`\theta_t`
@@ -128,13 +128,19 @@ class IWEM:
         if annealing is _PAPER_ANNEALING:
             annealing = Annealing()
         self.annealing = NoAnnealing() if annealing is None else annealing
+        #: steps taken so far.
         self.num_steps = 0
+        #: the last E-step's effective sample size, out of K (mean over the batch).
         self.ess = float("nan")
+        #: the IWAE bound of the last E-step's K particles at θ_t (mean per datum): the number
+        #: to compare with other methods, unlike the loss.
         self.bound = float("nan")
+        #: the last P-step's loss.
         self.p_loss = float("nan")
 
     @property
     def J(self):
+        """P-step samples."""
         return self.proposal_loss.num_particles
 
     @property
@@ -184,8 +190,6 @@ class IWEM:
 
     def _p_step(self, theta, args, kwargs, guide_args, subsample):
         particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
-        _, phi_objective = self.proposal_loss.objectives(particles)
-        loss = self.proposal_loss.scaled(particles, phi_objective)
         phi = particles.param_groups().phi - theta
         if not phi:
             warn_once(
@@ -194,6 +198,9 @@ class IWEM:
                 "the guide's distributions depend on no parameter of their own (the guide has no parameters, or "
                 "all of them are also parameters of the model's density): the P-step trains nothing",
             )
+            return float("nan")
+        _, phi_objective = self.proposal_loss.objectives(particles)
+        loss = self.proposal_loss.scaled(particles, phi_objective)
         gradient_step(loss, phi, self.optim)
         return loss.item()
 

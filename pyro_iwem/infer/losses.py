@@ -71,9 +71,9 @@ class ParticleLoss(ELBO):
     Subclasses define :meth:`objectives`. ``stop_proposal_params = True`` computes
     :math:`\\log q` with the guide's distribution parameters detached (STL, DReG), which needs
     every proposed site reparameterised; the other losses give non-reparameterised sites a
-    score-function gradient (:func:`~pyro_iwem.infer.objectives.multi_sample`).
+    score-function gradient (``pyro_iwem.infer.objectives.multi_sample``).
 
-    θ and φ are found from the graph (:mod:`pyro_iwem.infer.params`): θ the parameters the
+    θ and φ are found from the graph (``pyro_iwem.infer.params``): θ the parameters the
     model's density depends on with the latents fixed, φ those the guide's distributions
     depend on, less θ.
 
@@ -81,7 +81,7 @@ class ParticleLoss(ELBO):
     :param int max_plate_nesting: optional; guessed from one run otherwise.
     :param str data_plate: the plate over data points; detected when ``None``.
     :param guide_inputs: what the guide sees in place of the model's arguments, for data
-        with missing entries (see :mod:`pyro_iwem.infer.missing`); ``None``: the same.
+        with missing entries (see :class:`~pyro_iwem.infer.ZeroFilledInputs`, :class:`~pyro_iwem.infer.ImputedInputs`); ``None``: the same.
     :param bool vectorize_particles: draw the particles in one pass (default), or one at a
         time for models written for a single particle.
     """

@@ -95,7 +95,7 @@ class Particles:
         return self.log_p.shape[0]
 
     def param_groups(self):
-        """θ, φ and their overlap, found from this draw's graph (:mod:`pyro_iwem.infer.params`)."""
+        """θ, φ and their overlap, found from this draw's graph (``pyro_iwem.infer.params``)."""
         return self.splitter(self)
 
 
@@ -350,12 +350,11 @@ class ParticleSampler:
             minibatch of a subsampled data plate.
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
-        if self.max_plate_nesting is None or self._enumerates is None:
-            nesting, self._enumerates = guess_max_plate_nesting(
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting, self._enumerates = guess_max_plate_nesting(
                 self.model, self.guide, args, kwargs, guide_args, guide_kwargs
             )
-            self.max_plate_nesting = nesting if self.max_plate_nesting is None else self.max_plate_nesting
-            self._model_inputs = (args, kwargs)
+        self._model_inputs = (args, kwargs)
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
         validating = is_validation_enabled() and (self.validate_model or not self._validated)
@@ -395,11 +394,18 @@ class ParticleSampler:
         with torch.set_grad_enabled(options["grad_proposal"]):
             guide_trace = _run_guide(guide, guide_args, guide_kwargs)
         self._check_guide(guide_trace)
+        annotations = _EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
+        inner = annotations(model) if self._enumerates is None else model
         if self._enumerates:  # inside the replay, so that enum sees (and tracks) every site first
-            model = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
-        model = poutine.replay(model, trace=guide_trace)
-        model = _ProposeFromModel(guide_trace, detach=not options["grad_proposal"])(model)
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+            inner = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
+        replayed = _ProposeFromModel(guide_trace, detach=not options["grad_proposal"])(
+            poutine.replay(inner, trace=guide_trace)
+        )
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        if self._enumerates is None:  # max_plate_nesting was given: learn it from this first run
+            self._enumerates = annotations.found
+            if annotations.found:
+                return self._run(guide, model, model_inputs, guide_inputs, subsample, options, first_enum_dim)
         return guide_trace, model_trace
 
     def _draw_vectorized(self, num_particles, model_inputs, guide_inputs, guide_trace, subsample, options):

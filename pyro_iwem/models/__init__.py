@@ -9,6 +9,7 @@ from .conv import ConvVAE
 from .tabular import TabularVAE
 from .vae import MLPVAE, MLPVAE2, VAE
 
+#: The model classes by name, as :func:`build_model` and ``pyro-iwem train --model`` know them.
 MODELS = {"mlp": MLPVAE, "mlp2": MLPVAE2, "cnn": ConvVAE, "tabular": TabularVAE}
 
 
