@@ -34,8 +34,9 @@ from pyro_iwem import (
 from pyro_iwem.infer import METHODS, snis_objective
 
 COMPLETE_DATA_METHODS = [name for name in METHODS if not name.startswith("miss-")]
+from pyro_iwem.infer.losses import ParticleLoss
 from pyro_iwem.infer.methods import SVIStep
-from tests.gaussian_models import PPCA
+from tests.gaussian_models import PPCA, TwoLayerGaussian
 
 T = torch.float64
 
@@ -461,7 +462,9 @@ def test_every_other_method_steps_a_non_reparameterisable_guide(name):
 
 
 def test_methods_registry_names():
-    assert set(COMPLETE_DATA_METHODS) == {"vae", "iwae", "iwae-em", "stl", "dreg", "iwem", "iwem-woo", "iwem-woa"}
+    assert set(COMPLETE_DATA_METHODS) == {
+        "vae", "iwae", "iwae-em", "stl", "dreg", "iwem", "iwem-woo", "iwem-woa", "iwem-one-pass"
+    }
     assert set(METHODS) - set(COMPLETE_DATA_METHODS) == {"miss-iwae", "miss-iwem", "miss-iwem-woa"}
 
 
@@ -493,7 +496,9 @@ def test_build_method_builds_and_steps_every_method(name):
             "iwem": (IWEM, 0.0, OptimalProposalLoss),
             "iwem-woo": (IWEM, 0.0, IWAELoss),
             "iwem-woa": (IWEM, 1.0, OptimalProposalLoss),
+            "iwem-one-pass": (IWEM, 0.0, OptimalProposalLoss),
         }[name]
+        assert method.one_pass == (name == "iwem-one-pass")
         assert type(method) is expected[0]
         assert type(method.proposal_loss) is expected[2]
         assert method.J == 3
@@ -549,3 +554,28 @@ def test_stl_and_dreg_refuse_a_guide_that_uses_model_parameters():
         with pytest.raises(ValueError, match="guide uses model parameters"):
             loss.loss_and_grads(model, guide, x)
     assert math.isfinite(IWAELoss(5).loss_and_grads(model, guide, x))
+
+
+def test_dreg_one_backward_pass_equals_its_two_surrogates():
+    """DReG's one-pass gradients (a hook rescaling what reaches each latent) equal the two-surrogate
+    form on the same particles, for a guide whose second latent depends on the first (a latent
+    reached twice, directly and through another, is rescaled once)."""
+
+    def guide(x):
+        A1 = pyro.param("A1", 0.3 * torch.ones(2, 3, dtype=T))
+        c = pyro.param("c", torch.tensor([0.5, -0.4], dtype=T))
+        s = pyro.param("s", torch.ones(2, dtype=T), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x @ A1.T, s).to_event(1))
+            pyro.sample("z2", dist.Normal(c * z1 + 0.1, s).to_event(1))
+
+    m = TwoLayerGaussian()
+    x = torch.randn(6, 3, dtype=T)
+    loss = DReGLoss(num_particles=5)
+    pyro.set_rng_seed(3)
+    one_pass = loss.gradients(loss._particles(m.model, guide, (x,), {}))
+    pyro.set_rng_seed(3)  # the same particles again: each form frees its graph
+    two_surrogates = ParticleLoss.gradients(loss, loss._particles(m.model, guide, (x,), {}))
+    assert set(one_pass) == set(two_surrogates) and len(one_pass) >= 7
+    for p, g in one_pass.items():
+        torch.testing.assert_close(g, two_surrogates[p])

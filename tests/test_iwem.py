@@ -60,14 +60,19 @@ def test_proposition_2_iw_divergence_approaches_chi_square():
     assert errors[1000] < errors[2]
 
 
-def test_iwem_reaches_the_ppca_maximum_likelihood():
-    """Trained by IWEM, pPCA's exact log-likelihood reaches the closed-form MLE's within 0.01 nats/datum."""
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_iwem_reaches_the_ppca_maximum_likelihood(one_pass):
+    """Trained by IWEM (the paper's step, or the one-pass step), pPCA's exact log-likelihood
+    reaches the closed-form MLE's within 0.01 nats/datum."""
     torch.manual_seed(0)
     n, D = 300, 3
     W_true = torch.tensor([[2.0], [1.0], [-1.0]], dtype=torch.float64)
     x = torch.randn(n, 1, dtype=torch.float64) @ W_true.T + 0.5 * torch.randn(n, D, dtype=torch.float64) + 1.0
     m = PPCA(D=D, d=1)
-    iwem = IWEM(m.model, m.guide, K=20, J=20, optim=pyro.optim.Adam({"lr": 0.03}), annealing=Annealing(0.1, every=20))
+    iwem = IWEM(
+        m.model, m.guide, K=20, J=20, optim=pyro.optim.Adam({"lr": 0.03}), annealing=Annealing(0.1, every=20),
+        one_pass=one_pass,
+    )
     for step in range(1500):
         if step == 1200:  # a smaller step for the last stretch, as a schedule would
             iwem.optim = pyro.optim.Adam({"lr": 0.003})
@@ -304,3 +309,43 @@ def test_iwae_bound_tightens_with_k():
     assert m1 + 3 * s1 < m10 and m10 + 3 * s10 < m300 + 3 * s300
     assert m300 < exact + 3 * s300
     assert exact - m300 < 0.2 * (exact - m1)
+
+
+def test_one_pass_step_is_q_hat_for_theta_and_eq_7_for_phi_on_one_draw():
+    """With SGD and lr 1, one one-pass step moves θ by -∇θ(-Q̂_α) and φ by -∇φ(-L_opt), both on
+    the same K particles at θ_t (α = 0.3: the ELBO term averages the same particles)."""
+    m = TwoLayerGaussian()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    iwem = IWEM(m.model, m.guide, K=6, optim=pyro.optim.SGD({"lr": 1.0}), one_pass=True,
+                annealing=Annealing(start=0.3, stop=0.3))
+    pyro.set_rng_seed(5)
+    particles = iwem.sampler(6, (x,), {}, grad_guide=True, detach_model_proposals=True)
+    theta = [pyro.param(n).unconstrained() for n in ("a", "W", "b")]
+    phi = [pyro.param(n).unconstrained() for n in ("A1", "A2")]
+    q_hat = snis_objective(particles, 6, 0.3).sum()
+    l_opt = ((particles.log_p.abs().log() + particles.log_w).logsumexp(0) - math.log(6)).sum()
+    expected = [p.detach() + g for p, g in zip(theta, torch.autograd.grad(q_hat, theta, retain_graph=True))]
+    expected += [p.detach() + g for p, g in zip(phi, torch.autograd.grad(l_opt, phi))]
+    pyro.set_rng_seed(5)
+    iwem.step(x)
+    for p, e in zip(theta + phi, expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_one_pass_refuses_a_guide_that_uses_model_parameters():
+    def model(x):
+        w = pyro.param("w", torch.tensor(1.5))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w * z, 0.7), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.tensor(1.5))
+        a = pyro.param("a", torch.tensor(0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(a * w * x, 1.0))
+
+    iwem = IWEM(model, guide, K=4, one_pass=True)
+    with pytest.raises(ValueError, match=r"one_pass=True\) needs a guide"):
+        iwem.step(torch.ones(3))
+    assert pyro.param("w").item() == 1.5 and pyro.param("a").item() == pytest.approx(0.1)

@@ -49,6 +49,7 @@ class Annealing:
 
     @property
     def alpha(self):
+        """The current α: ``start + increment * (count // every)``, capped at ``stop``."""
         alpha = self.start + self.increment * (self.count // self.every)
         return self.stop if alpha >= self.stop - 1e-9 else alpha  # n increments of 1/n reach 1
 
@@ -63,6 +64,7 @@ class Annealing:
             self.count += 1
 
     def state_dict(self):
+        """The count of steps or epochs so far (the rest is configuration)."""
         return {"count": self.count}
 
     def load_state_dict(self, state):

@@ -6,7 +6,7 @@ import torch
 from .annealing import Annealing, NoAnnealing
 from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss
 from .objectives import effective_sample_size, log_mean_exp, snis_objective
-from .util import warn_once
+from .util import ModelError, warn_once
 
 _PAPER_ANNEALING = object()
 
@@ -85,6 +85,12 @@ class IWEM:
         :class:`~pyro_iwem.infer.missing.ImputedInputs` gives miss-IWEM (Algorithm 3), whose
         weights are :math:`p(x_o, z) / q(z \mid \breve x)` and whose E- and P-steps use
         :math:`\log p(x_o, x_m, z)` with :math:`x_m` drawn from the model (eqs. 9, 10).
+    :param bool one_pass: share one draw of K particles between the E-, M- and P-step: one
+        guide pass and one model pass at :math:`\theta_t`, θ's gradient of :math:`\hat Q_\alpha`
+        (its ELBO term averaging the same K particles) and φ's gradient of eq. (7) taken from
+        the same graph. It differs from Algorithm 2 in one respect: **the P-step runs at**
+        :math:`\theta_t` **on the E-step's particles**, not at :math:`\theta_{t+1}` on J fresh
+        ones (``J`` is unused). About the cost of an IWAE step; default ``False``.
 
     θ are the parameters :math:`\log p` depends on with the latents fixed, φ those the guide's
     distributions depend on, less θ; both are found from the graph
@@ -111,8 +117,10 @@ class IWEM:
         data_plate=None,
         guide_inputs=None,
         vectorize_particles=True,
+        one_pass=False,
     ):
         self.model = model
+        self.one_pass = one_pass
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
@@ -160,6 +168,11 @@ class IWEM:
         All or nothing: if the P-step refuses (a non-finite loss or gradient at
         :math:`\theta_{t+1}`), θ and its optimiser state are put back as they were."""
         guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
+        if self.one_pass:
+            loss = self._one_pass_step(args, kwargs, guide_args)
+            self.annealing.step()
+            self.num_steps += 1
+            return loss
         loss, theta, subsample, before = self._m_step(args, kwargs, guide_args)
         try:
             self.p_loss = self._p_step(theta, args, kwargs, guide_args, subsample)
@@ -174,13 +187,7 @@ class IWEM:
         # a method of its own: the E-step's particles and graph are freed before the P-step
         particles, loss = self._e_step(self.alpha, args, kwargs, guide_args)
         theta = particles.param_groups().theta
-        if not theta:
-            warn_once(
-                self.sampler.warned,
-                "no-theta",
-                "the model's log density depends on no parameter that requires a gradient: the M-step updates "
-                "nothing (register the model's parameters with pyro.param or pyro.module)",
-            )
+        self._warn_if_empty(theta=theta)
         before = _Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
         log_w = particles.log_w[: self.K].detach()
@@ -188,16 +195,54 @@ class IWEM:
         self.bound = log_mean_exp(log_w).mean().item()
         return loss.item(), theta, particles.subsample, before
 
-    def _p_step(self, theta, args, kwargs, guide_args, subsample):
-        particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
-        phi = particles.param_groups().phi - theta
-        if not phi:
+    def _one_pass_step(self, args, kwargs, guide_args):
+        particles = self.sampler(
+            self.K, args, kwargs, grad_guide=True, guide_args=guide_args, detach_model_proposals=True
+        )
+        groups = particles.param_groups()
+        if groups.shared:
+            raise ModelError(
+                "IWEM(one_pass=True) needs a guide whose distributions do not use the model's parameters: "
+                "θ's gradient would flow through the proposal. Use the default two-pass step"
+            )
+        self._warn_if_empty(theta=groups.theta, phi=groups.phi)
+        e_loss = -(particles.scale * snis_objective(particles, self.K, self.alpha)).sum()
+        _, phi_objective = self.proposal_loss.objectives(particles)
+        p_loss = self.proposal_loss.scaled(particles, phi_objective)
+        grads = gradients(e_loss, groups.theta, retain_graph=True)  # both from one graph
+        grads.update(gradients(p_loss, groups.phi))  # every check passed: now parameters move
+        for params in (groups.theta, groups.phi):
+            self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
+        for p in grads:
+            p.grad = None
+        log_w = particles.log_w.detach()
+        self.ess = effective_sample_size(log_w).mean().item()
+        self.bound = log_mean_exp(log_w).mean().item()
+        self.p_loss = p_loss.item()
+        return e_loss.item()
+
+    def _warn_if_empty(self, theta=None, phi=None):
+        """Warns once if a group given (not ``None``) is empty."""
+        if theta is not None and not theta:
+            warn_once(
+                self.sampler.warned,
+                "no-theta",
+                "the model's log density depends on no parameter that requires a gradient: the M-step updates "
+                "nothing (register the model's parameters with pyro.param or pyro.module)",
+            )
+        if phi is not None and not phi:
             warn_once(
                 self.sampler.warned,
                 "no-phi",
                 "the guide's distributions depend on no parameter of their own (the guide has no parameters, or "
                 "all of them are also parameters of the model's density): the P-step trains nothing",
             )
+
+    def _p_step(self, theta, args, kwargs, guide_args, subsample):
+        particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
+        phi = particles.param_groups().phi - theta
+        self._warn_if_empty(phi=phi)
+        if not phi:
             return float("nan")
         _, phi_objective = self.proposal_loss.objectives(particles)
         loss = self.proposal_loss.scaled(particles, phi_objective)

@@ -87,6 +87,8 @@ class ParticleLoss(ELBO):
     """
 
     stop_proposal_params = False
+    #: give the latents views of their own in the graph (a hook on them rescales what reaches the guide)
+    latent_views = False
     #: whether a model latent the guide leaves out changes what this loss means (it is then
     #: proposed from the model's prior); warned about once per site.
     warns_model_proposed = True
@@ -131,6 +133,7 @@ class ParticleLoss(ELBO):
             grad_guide=True,
             stop_proposal_params=self.stop_proposal_params,
             rsample_for=type(self).__name__ if self.stop_proposal_params else None,
+            latent_views=self.latent_views,
         )
         if self.warns_model_proposed:
             for name in particles.model_proposed:
@@ -169,11 +172,7 @@ class ParticleLoss(ELBO):
     def gradients(self, particles):
         """This estimator's θ and φ gradients on ``particles``, as ``{param: gradient}``."""
         groups = particles.param_groups()
-        if self.stop_proposal_params and groups.shared:
-            raise ModelError(
-                f"{type(self).__name__} detaches the guide's distribution parameters, and this guide uses "
-                "model parameters: their IWAE gradient would lose its score term. Use IWAELoss."
-            )
+        self._refuse_shared(groups)
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
             return gradients(self.scaled(particles, theta_objective), groups.theta | groups.phi | groups.shared)
@@ -182,6 +181,13 @@ class ParticleLoss(ELBO):
         for i, (objective, params) in enumerate(pairs):  # both from one graph: keep it for the second
             grads.update(gradients(self.scaled(particles, objective), params, retain_graph=i + 1 < len(pairs)))
         return grads
+
+    def _refuse_shared(self, groups):
+        if self.stop_proposal_params and groups.shared:
+            raise ModelError(
+                f"{type(self).__name__} detaches the guide's distribution parameters, and this guide uses "
+                "model parameters: their IWAE gradient would lose its score term. Use IWAELoss."
+            )
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The loss as a differentiable tensor, for losses whose θ and φ objectives coincide
@@ -245,11 +251,30 @@ class DReGLoss(ParticleLoss):
     for the IWAE φ-gradient, with lower variance. The value reported is the IWAE bound."""
 
     stop_proposal_params = True
+    latent_views = True
 
     def objectives(self, particles):
         log_w = particles.log_w
         squared = normalized_weights(log_w.detach()).pow(2)
         return log_mean_exp(log_w), (squared * log_w).sum(0)
+
+    def gradients(self, particles):
+        """One backward pass for both groups (vectorised draws): the IWAE surrogate, whose
+        gradient reaching latent :math:`z_k` is :math:`\bar w_k \partial_z \log \tilde w_k`,
+        with a hook on each latent's view that multiplies it by :math:`\bar w_k` once more;
+        θ's gradient does not pass through the latents and stays IWAE's."""
+        if particles.layout is None:  # particles drawn one at a time: two surrogates, two passes
+            return super().gradients(particles)
+        groups = particles.param_groups()
+        self._refuse_shared(groups)
+        weights = particles.per_latent(normalized_weights(particles.log_w.detach()))
+        hooks = [z.register_hook(lambda g, w=w: g * w) for z, w in zip(particles.latents, weights) if z.requires_grad]
+        try:
+            bound = log_mean_exp(particles.log_w)
+            return gradients(self.scaled(particles, bound), groups.theta | groups.phi)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 class OptimalProposalLoss(ParticleLoss):

@@ -60,13 +60,15 @@ METHODS = {
     "iwem": _iwem(),
     "iwem-woo": _iwem(proposal="iwae"),
     "iwem-woa": _iwem(annealed=False),
+    "iwem-one-pass": _iwem(one_pass=True),
     "miss-iwae": _svi(IWAELoss, guide_inputs=MISSING_DATA_INPUTS["miss-iwae"]()),
     "miss-iwem": _iwem(guide_inputs=MISSING_DATA_INPUTS["miss-iwem"]()),
     "miss-iwem-woa": _iwem(annealed=False, guide_inputs=MISSING_DATA_INPUTS["miss-iwem-woa"]()),
 }
 """Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
 IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
-IWEM without annealing (woa); for data with missing entries, called as ``model(x, mask)``:
+IWEM without annealing (woa), IWEM's one-pass step (E-, M- and P-step on one draw at θ_t,
+``IWEM(one_pass=True)``); for data with missing entries, called as ``model(x, mask)``:
 missIWAE, miss-IWEM (Algorithm 3) and miss-IWEM without annealing."""
 
 

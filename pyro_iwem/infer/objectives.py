@@ -77,8 +77,9 @@ def snis_objective(particles, num_snis=None, alpha=1.0):
 
     with :math:`\bar w_k` the normalised weights of the first ``num_snis`` = K particles,
     detached, and the remaining L particles (drawn from the guide in the same pass) the
-    ELBO term (the :math:`-\log q` of eq. (3) is constant in θ and left out). Gradients
-    flow to θ through ``log_p`` only.
+    ELBO term (the :math:`-\log q` of eq. (3) is constant in θ and left out); with no
+    particles beyond the K, the ELBO term averages the same K (IWEM's one-pass step). Only
+    θ's gradient is meant to be taken: the weights are detached.
 
     With missing data (eq. 9) Q̂ uses the full :math:`\log p(x_o, x_m^k, z_k)` while the
     ELBO term is :math:`\frac1L \sum_l \log p(x_o, z_l; \theta)`: latents the model proposes
@@ -89,7 +90,8 @@ def snis_objective(particles, num_snis=None, alpha=1.0):
     q_hat = (weights * particles.log_p[:num_snis]).sum(0)
     if alpha >= 1.0:
         return q_hat
-    elbo = (particles.log_p - particles.log_model_proposed)[num_snis:].mean(0)
+    elbo_particles = slice(num_snis, None) if num_snis < particles.num_particles else slice(None)
+    elbo = (particles.log_p - particles.log_model_proposed)[elbo_particles].mean(0)
     return alpha * q_hat + (1.0 - alpha) * elbo
 
 

@@ -85,6 +85,8 @@ class Particles:
     guide_has_graph: bool = False
     splitter: ParamSplitter | None = None
     structure: frozenset = frozenset()
+    latent_event_dims: list = field(default_factory=list)
+    layout: tuple | None = None  # (dims of a site's batch shape, position of the data dim): vectorised only
 
     @property
     def log_w(self):
@@ -97,6 +99,17 @@ class Particles:
     def param_groups(self):
         """θ, φ and their overlap, found from this draw's graph (``pyro_iwem.infer.params``)."""
         return self.splitter(self)
+
+    def per_latent(self, per_datum):
+        """``per_datum`` ``(N, B)`` reshaped to broadcast against each latent in ``latents``
+        (vectorised draws only): its particle and data dims where the latent has them."""
+        ndim, data_position = self.layout
+        shape = [1] * ndim
+        shape[0] = per_datum.shape[0]
+        if data_position is not None:
+            shape[data_position] = per_datum.shape[1]
+        batch = per_datum.reshape(shape)
+        return [batch.reshape(batch.shape + (1,) * event_dim) for event_dim in self.latent_event_dims]
 
 
 def _density_sites(trace):
@@ -335,6 +348,8 @@ class ParticleSampler:
         validate=True,
         guide_args=None,
         subsample=None,
+        detach_model_proposals=False,
+        latent_views=False,
     ):
         """Draws ``num_particles`` particles per datum; returns :class:`Particles`.
 
@@ -348,6 +363,13 @@ class ParticleSampler:
             error names this algorithm.
         :param subsample: the ``subsample`` of earlier :class:`Particles`, to draw on the same
             minibatch of a subsampled data plate.
+        :param bool detach_model_proposals: draw the latents the model proposes itself without
+            gradients even when the guide keeps its graph (IWEM's one-pass step, whose θ-update
+            must not differentiate through them); they then count as score-function sites.
+        :param bool latent_views: give the model and :math:`\log q` a view of each guide
+            latent, a node of its own in the graph (``Particles.latents`` holds the views): a
+            hook on it sees exactly the gradient that reaches the guide through that latent
+            (IWAE-DReG's one-pass estimator).
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
         if self.max_plate_nesting is None:
@@ -362,6 +384,8 @@ class ParticleSampler:
             grad_proposal=grad_guide and torch.is_grad_enabled(),
             stop_proposal_params=stop_proposal_params,
             rsample_for=rsample_for,
+            detach_model_proposals=detach_model_proposals,
+            latent_views=latent_views,
         )
         with pyro.validation_enabled(validating):
             if self.vectorize_particles:
@@ -394,11 +418,16 @@ class ParticleSampler:
         with torch.set_grad_enabled(options["grad_proposal"]):
             guide_trace = _run_guide(guide, guide_args, guide_kwargs)
         self._check_guide(guide_trace)
+        if options["latent_views"]:
+            for _, site in _density_sites(guide_trace):
+                if isinstance(site["value"], torch.Tensor) and site["value"].requires_grad:
+                    site["value"] = site["value"].view_as(site["value"])
         annotations = _EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
         inner = annotations(model) if self._enumerates is None else model
         if self._enumerates:  # inside the replay, so that enum sees (and tracks) every site first
             inner = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
-        replayed = _ProposeFromModel(guide_trace, detach=not options["grad_proposal"])(
+        detach = options["detach_model_proposals"] or not options["grad_proposal"]
+        replayed = _ProposeFromModel(guide_trace, detach=detach)(
             poutine.replay(inner, trace=guide_trace)
         )
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
@@ -455,6 +484,7 @@ class ParticleSampler:
         first.log_p, first.log_q, first.log_model_proposed = cat("log_p"), cat("log_q"), cat("log_model_proposed")
         first.log_score, first.log_score_leaves = cat("log_score"), cat("log_score_leaves")
         first.latents = [z for p in stacked for z in p.latents]
+        first.layout = None
         return first
 
     # reducing --------------------------------------------------------------------------
@@ -509,7 +539,7 @@ class ParticleSampler:
             if latent and name not in guide_trace.nodes:
                 model_proposed.append(name)
                 terms.add("log_model_proposed", name, log_prob, latent, in_plate(site))
-                if not site["fn"].has_rsample:
+                if not site["fn"].has_rsample or options["detach_model_proposals"]:
                     leaf = name in self._model_leaves()
                     if options["rsample_for"] and not leaf:
                         raise ModelError(
@@ -597,9 +627,7 @@ class ParticleSampler:
         batch = 1 if coupled or frame is None else max(t.shape[1] for *_, t, _ in terms.terms)
         totals = terms.totals((num_particles, batch), data_scale=_data_scale(frame) if coupled else None)
         zeros = totals["log_p"].new_zeros((num_particles, batch))
-        latents = [
-            site["value"] for _, site in _density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)
-        ]
+        latent_sites = [site for _, site in _density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)]
         return Particles(
             log_p=totals["log_p"],
             log_q=totals.get("log_q", zeros),
@@ -609,7 +637,9 @@ class ParticleSampler:
             guide_trace=guide_trace,
             log_score=totals.get("log_score"),
             log_score_leaves=totals.get("log_score_leaves"),
-            latents=latents,
+            latents=[site["value"] for site in latent_sites],
+            latent_event_dims=[site["fn"].event_dim for site in latent_sites],
+            layout=None if coupled else (terms.ndim, terms.data_position),
             model_params=param_values(model_trace),
             guide_params=param_values(guide_trace),
             subsample=subsample,
