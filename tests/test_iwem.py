@@ -293,6 +293,53 @@ def test_iwae_bound_is_exact_with_the_exact_posterior_and_float64():
     torch.testing.assert_close(bound, exact, atol=1e-9, rtol=0)
 
 
+def test_iwae_bound_chooses_its_chunks_from_a_memory_budget():
+    """By default the chunk size comes from the budget: the probe chunk is measured, every later
+    chunk fits the budget, and the bound is still exact with the exact posterior."""
+    from pyro_iwem.infer import evaluation
+
+    m = PPCA(D=3, d=1)
+    W = torch.tensor([[1.0], [0.5], [-2.0]], dtype=torch.float64)
+    mu, sigma = torch.zeros(3, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    A, c, s = m.exact_guide_params(W, mu, sigma)
+    for name, value in {"W": W, "mu": mu, "sigma": sigma, "A": A, "c": c, "s": s}.items():
+        pyro.param(name, value)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    sampler = ParticleSampler(m.model, m.guide)
+    per_particle, _ = evaluation.peak_memory(lambda: sampler(1000, (x,), {}, grad_guide=False))
+    budget = int(per_particle / 1000 * 40)  # room for about 40 particles
+    sizes = []
+    original = ParticleSampler.__call__
+
+    def recording(self, n, *args, **kwargs):
+        sizes.append(n)
+        return original(self, n, *args, **kwargs)
+
+    ParticleSampler.__call__ = recording
+    try:
+        bound = iwae_bound(m.model, m.guide, x, num_particles=300, memory_budget=budget)
+    finally:
+        ParticleSampler.__call__ = original
+    assert sizes[0] == evaluation.PROBE_PARTICLES and sum(sizes) == 300
+    assert 20 <= max(sizes[1:]) <= 60, sizes
+    torch.testing.assert_close(bound, PPCA.log_likelihood(x, W, mu, sigma), atol=1e-9, rtol=0)
+
+
+def test_peak_memory_counts_the_tensors_alive_at_once():
+    from pyro_iwem.infer.evaluation import peak_memory
+
+    def work():
+        a = torch.zeros(1000, dtype=torch.float64)  # 8 000 bytes
+        b = torch.ones(500, dtype=torch.float64)  # 4 000 bytes, alive with a
+        del a
+        c = torch.ones(250, dtype=torch.float64)  # 2 000 bytes, after a is freed
+        return b.sum() + c.sum()
+
+    peak, result = peak_memory(work)
+    assert result.item() == 750.0
+    assert 12_000 <= peak < 14_100
+
+
 def test_iwae_bound_tightens_with_k():
     """E[bound_K] increases with K towards log p(x) (the bound holds in expectation, so 30 draws each)."""
     m = PPCA(D=3, d=1)

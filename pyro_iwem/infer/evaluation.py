@@ -1,19 +1,35 @@
 """The IWAE bound with many samples: the test log-likelihood of the paper (§5)."""
 
 import math
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .traces import ParticleSampler
 
+#: particles of the first chunk when the chunk size is chosen from a memory budget
+PROBE_PARTICLES = 16
+#: the largest chunk chosen on the CPU, where larger chunks only run slower (caches)
+CPU_MAX_CHUNK = 512
+
 
 def iwae_bound(
-    model, guide, *args, num_particles=5000, chunk_size=500, sampler=None, vectorize_particles=True, **kwargs
+    model,
+    guide,
+    *args,
+    num_particles=5000,
+    chunk_size=None,
+    memory_budget=2**30,
+    sampler=None,
+    vectorize_particles=True,
+    **kwargs,
 ):
     r"""Per-datum IWAE bound :math:`\log \frac{1}{K} \sum_{k=1}^K p(x_i, z_k) / q(z_k \mid x_i)`.
 
-    The K = ``num_particles`` samples are drawn ``chunk_size`` at a time (so K = 5000 fits
-    in memory); each chunk's log weights are cast to float64 and folded into a running
+    The K = ``num_particles`` samples are drawn a chunk at a time (so K = 5000 fits in
+    memory); each chunk's log weights are cast to float64 and folded into a running
     :math:`\mathrm{logsumexp}`, so the log-mean-exp is accumulated in float64. Runs without
     gradients. Returns a float64 tensor of shape ``(B,)`` (``(1,)`` for a model without a
     data plate). The bound is a lower bound of :math:`\log p(x_i)` that tightens as K grows.
@@ -22,22 +38,90 @@ def iwae_bound(
     so the weights of one datum are never pooled with another's; the bound is that
     minibatch's. Enumerated model sites are summed out; a non-reparameterised guide is fine.
 
+    :param int chunk_size: particles per chunk; ``None`` (default) chooses it from
+        ``memory_budget``: the first chunk, of ``PROBE_PARTICLES`` (16) particles, is measured
+        (``peak_memory``: the allocator's peak on CUDA, the peak of live tensor bytes on the
+        CPU) and the others hold as many particles as the budget allows (on the CPU at most
+        512, beyond which chunks only run slower).
+    :param int memory_budget: bytes a chunk may use at its peak (default 1 GiB).
     :param sampler: an optional :class:`ParticleSampler` for (model, guide), to reuse its
         plate settings; built from ``model`` and ``guide`` otherwise.
     :param bool vectorize_particles: as for :class:`ParticleSampler` (ignored with ``sampler``).
     """
-    if num_particles < 1 or chunk_size < 1:
-        raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles} and {chunk_size}")
+    if num_particles < 1 or (chunk_size is not None and chunk_size < 1) or memory_budget <= 0:
+        raise ValueError(
+            f"num_particles and chunk_size must be >= 1 and memory_budget > 0, got {num_particles}, "
+            f"{chunk_size} and {memory_budget}"
+        )
     sampler = ParticleSampler(model, guide, vectorize_particles=vectorize_particles) if sampler is None else sampler
     total = subsample = None
     remaining = num_particles
     with torch.no_grad():
         while remaining > 0:
-            n = min(chunk_size, remaining)
-            particles = sampler(n, args, kwargs, grad_guide=False, subsample=subsample)
+            if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
+                n = PROBE_PARTICLES
+                device = _device(args)
+                peak, particles = peak_memory(lambda: sampler(n, args, kwargs, grad_guide=False), device)
+                chunk_size = max(1, int(memory_budget * n // max(peak, 1)))
+                if device is None or device.type == "cpu":
+                    chunk_size = min(chunk_size, CPU_MAX_CHUNK)
+            else:
+                n = min(chunk_size or remaining, remaining)
+                particles = sampler(n, args, kwargs, grad_guide=False, subsample=subsample)
             subsample = particles.subsample
-            log_w = particles.log_w.double()
-            chunk = torch.logsumexp(log_w, 0)
+            chunk = torch.logsumexp(particles.log_w.double(), 0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             remaining -= n
     return total - math.log(num_particles)
+
+
+def peak_memory(fn, device=None):
+    """``(peak bytes, fn())``: the most memory ``fn`` held at once beyond what was allocated
+    before; CUDA: the caching allocator's peak; CPU: the peak of the bytes of the tensors
+    ``fn`` creates that are alive at the same time (:class:`_LiveTensorBytes`)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        return torch.cuda.max_memory_allocated(device) - before, result
+    with _LiveTensorBytes() as counter:
+        result = fn()
+    return counter.peak, result
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the storage bytes of every tensor an operation returns while the mode is active,
+    until the last tensor on that storage is freed; ``peak`` is the largest total at any time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = {}  # data pointer -> [bytes, tensors alive on it]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        entry = self.storages.setdefault(storage.data_ptr(), [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(tensor, self._release, storage.data_ptr())
+
+    def _release(self, pointer):
+        entry = self.storages[pointer]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[pointer]
+
+
+def _device(args):
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
