@@ -58,7 +58,7 @@ def make_model_and_guide(x_dim, z_dim=40, hidden=300):
 
 
 # ---------------------------------------------------------------- training
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--epochs", type=int, default=3)
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-K", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()

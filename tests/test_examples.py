@@ -50,3 +50,21 @@ def test_autoguide_example_bound_below_exact_below_maximum(capsys):
         assert r["bound"] <= r["exact"] + 0.01, (split, r)  # a lower bound, up to Monte Carlo slack
         assert r["exact"] > r["ml"] - 1.0, (split, r)  # it learned: from about -17.7 per datum at the start
     assert results["train"]["exact"] <= results["train"]["ml"] + 1e-6  # nothing beats the maximum likelihood
+
+
+def test_train_iwem_example_trains_and_prints_a_test_log_likelihood(capsys, tmp_path):
+    # no data root: scikit-learn's bundled 8x8 digits; two steps of a large batch
+    load("train_iwem").main(["--data-root", str(tmp_path / "no-data"), "--epochs", "1", "--batch-size", "700",
+                             "--K", "5", "--J", "5", "--eval-K", "20"])
+    out = capsys.readouterr().out
+    match = re.search(r"test log-likelihood \(IWAE bound, K=20\): (-?[0-9.]+) nats", out)
+    assert match, out
+    assert -64 * math.log(2) - 30 < float(match.group(1)) < 0  # per 8x8 binary image
+
+
+def test_two_layer_example_learns(capsys):
+    results = load("two_layer").main(["--steps", "150", "--eval-K", "50"])
+    out = capsys.readouterr().out
+    assert re.search(r"test log-likelihood \(IWAE bound, K=50\): -?[0-9.]+ nats per image", out), out
+    assert all(math.isfinite(results[k]) for k in ("initial", "test")), results
+    assert results["test"] > results["initial"] + 10, results  # about -45 at the start, -22 after 150 steps

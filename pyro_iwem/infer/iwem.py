@@ -8,7 +8,14 @@ from .losses import accumulate_grads, check_num_particles, gradients, proposal_l
 from .objectives import effective_sample_size, log_mean_exp, snis_objective
 from .util import ModelError, warn_once
 
-_PAPER_ANNEALING = object()
+class _PaperAnnealing:
+    """The default of ``IWEM(annealing=...)``: a fresh ``Annealing()`` per instance."""
+
+    def __repr__(self):
+        return "Annealing()"
+
+
+_PAPER_ANNEALING = _PaperAnnealing()
 
 
 def gradient_step(loss, params, optim):
@@ -59,7 +66,7 @@ class IWEM:
     2. **M-step**: one optimiser step on θ (the model's parameters) along
        :math:`-\sum_i \hat Q_\alpha(\theta; x_i)`, eq. (8) (:func:`~pyro_iwem.infer.objectives.snis_objective`);
     3. **P-step**: J fresh reparameterised draws at :math:`\theta_{t+1}`, one optimiser step
-       on φ (the parameters only the guide touches) along :class:`OptimalProposalLoss`, eq. (7).
+       on φ (the parameters the guide's distributions depend on, less θ) along :class:`OptimalProposalLoss`, eq. (7).
 
     :param model: a Pyro model :math:`p(x, z; \theta)`; any plates, several latent sites,
         subsampling, missing data through ``obs_mask=`` or :func:`~pyro_iwem.observe_masked`.

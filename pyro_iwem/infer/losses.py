@@ -259,7 +259,7 @@ class DReGLoss(ParticleLoss):
         return log_mean_exp(log_w), (squared * log_w).sum(0)
 
     def gradients(self, particles):
-        """One backward pass for both groups (vectorised draws): the IWAE surrogate, whose
+        r"""One backward pass for both groups (vectorised draws): the IWAE surrogate, whose
         gradient reaching latent :math:`z_k` is :math:`\bar w_k \partial_z \log \tilde w_k`,
         with a hook on each latent's view that multiplies it by :math:`\bar w_k` once more;
         θ's gradient does not pass through the latents and stays IWAE's."""

@@ -49,8 +49,6 @@ def _iwem(annealed=True, **options):
 #: zero-filled data, miss-IWEM's completion. The same inputs serve imputation afterwards.
 MISSING_DATA_INPUTS = {"miss-iwae": ZeroFilledInputs, "miss-iwem": ImputedInputs, "miss-iwem-woa": ImputedInputs}
 
-#: The methods :func:`build_method` knows, by name: each value builds the method from
-#: ``(model, guide, K, J, L, optim, annealing, **plates)``.
 METHODS = {
     "vae": _svi(VAELoss),
     "iwae": _svi(IWAELoss),

@@ -351,7 +351,7 @@ class ParticleSampler:
         detach_model_proposals=False,
         latent_views=False,
     ):
-        """Draws ``num_particles`` particles per datum; returns :class:`Particles`.
+        r"""Draws ``num_particles`` particles per datum; returns :class:`Particles`.
 
         :param bool grad_guide: keep the guide's graph (reparameterised proposals).
         :param guide_args: the guide's ``(args, kwargs)`` from :meth:`inputs_for_guide`, to
