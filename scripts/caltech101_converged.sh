@@ -6,7 +6,7 @@
 # interruption; finished runs are skipped, interrupted ones continue from their checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-runs/caltech101}
+out=${OUT:-../runs/caltech101}  # outside the work tree, which a new session lays anew
 for seed in 1 2 3; do
     .venv/bin/python -m pyro_iwem sweep --methods iwae,iwem --datasets caltech101 --models mlp \
         --seeds "$seed" --K 50 --J 50 --threads 1 --out "$out"
