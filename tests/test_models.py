@@ -9,8 +9,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyro_iwem.models import MLPVAE, MLPVAE2, ConvVAE, TabularVAE, build_model
-from pyro_iwem.models.layers import GaussianHead
+from pyro_iwem.models import MLPVAE, MLPVAE2, MODELS, ConvVAE, ConvVAELight, TabularVAE, build_model
+from pyro_iwem.models.layers import ClampedLogVarHead, Gated, GaussianHead
 
 B, N = 5, 3
 
@@ -19,10 +19,11 @@ CONFIGS = {
     "mlp": lambda: MLPVAE(),
     "mlp2": lambda: MLPVAE2(),
     "cnn": lambda: ConvVAE(decoder_channels=(8, 8)),
+    "cnn_light": lambda: ConvVAELight(decoder_channels=(8,)),
     "tabular": lambda: TabularVAE(x_dim=6),
     "tabular_t": lambda: TabularVAE(x_dim=6, likelihood="studentt"),
 }
-LATENTS = {"mlp": ["z"], "mlp2": ["z1", "z2"], "cnn": ["z"], "tabular": ["z"], "tabular_t": ["z"]}
+LATENTS = {"mlp": ["z"], "mlp2": ["z1", "z2"], "cnn": ["z"], "cnn_light": ["z"], "tabular": ["z"], "tabular_t": ["z"]}
 
 
 @pytest.fixture(autouse=True)
@@ -314,6 +315,151 @@ def test_cnn_image_shape():
     assert vae.encode(torch.rand(2, 192))[0].shape == (2, 5)
 
 
+# --- the paper's CNN (issue 10) -----------------------------------------------------------
+#: (layer type, output shape less the batch dim) of every layer of ConvVAE() on 28x28 images
+PAPER_CNN_ENCODER = [
+    (nn.Unflatten, (1, 28, 28)),
+    (Gated, (32, 28, 28)),  # 1 -> 32, 7x7, stride 1, padding 3
+    (Gated, (32, 14, 14)),  # 32 -> 32, 3x3, stride 2, padding 1
+    (Gated, (64, 14, 14)),  # 32 -> 64, 5x5, stride 1, padding 2
+    (Gated, (64, 7, 7)),  # 64 -> 64, 3x3, stride 2, padding 1
+    (Gated, (6, 7, 7)),  # 64 -> 6, 3x3, stride 1, padding 1
+    (nn.Flatten, (294,)),
+]
+PAPER_CNN_DECODER = [
+    (Gated, (300,)),  # gated dense 40 -> 300
+    (Gated, (784,)),  # gated dense 300 -> 784
+    (nn.Unflatten, (1, 28, 28)),
+    (Gated, (64, 28, 28)),  # 1 -> 64, 3x3
+    (Gated, (64, 28, 28)),  # 64 -> 64, 3x3
+    (Gated, (64, 28, 28)),
+    (Gated, (64, 28, 28)),
+    (nn.Conv2d, (1, 28, 28)),  # 1x1 to one channel of logits
+    (nn.Flatten, (784,)),
+]
+
+
+def _layer_outputs(layers, run):
+    """``(type, output shape)`` of each module in ``layers``, in call order, while ``run()`` runs."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((type(m), tuple(o.shape)))) for m in layers]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("lead", [(2,), (3, 2)], ids=["batch 2", "3 particles x batch 2"])
+def test_paper_cnn_layer_shapes(lead):
+    vae = ConvVAE()
+    n = math.prod(lead)  # leading dims are flattened into one batch dim for the layers
+    features, head = vae.encoder
+    x = torch.bernoulli(torch.full(lead + (784,), 0.3))
+    seen, (loc, scale) = _layer_outputs(list(features), lambda: vae.encode(x))
+    assert seen == [(kind, (n,) + shape) for kind, shape in PAPER_CNN_ENCODER]
+    assert isinstance(head, ClampedLogVarHead)
+    for linear in (head.loc, head.logvar):
+        assert (linear.in_features, linear.out_features) == (294, 40)
+    assert loc.shape == scale.shape == lead + (40,)
+
+    z = torch.randn(lead + (40,))
+    seen, logits = _layer_outputs(list(vae.decoder), lambda: vae.decode(z))
+    assert seen == [(kind, (n,) + shape) for kind, shape in PAPER_CNN_DECODER]
+    assert logits.shape == lead + (784,)
+    # the layers' own settings: dense 40-300-784, 3x3 "same" convs of 64 channels, a 1x1 conv
+    dense = [m.a for m in vae.decoder if isinstance(m, Gated) and isinstance(m.a, nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(40, 300), (300, 784)]
+    convs = [m.a for m in vae.decoder if isinstance(m, Gated) and isinstance(m.a, nn.Conv2d)] + [vae.decoder[-2]]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (1, 64, (3, 3), (1, 1), (1, 1)), *[(64, 64, (3, 3), (1, 1), (1, 1))] * 3, (64, 1, (1, 1), (1, 1), (0, 0))
+    ]
+    if len(lead) == 2:  # no mixing across the flattened dims
+        assert torch.allclose(logits[2, 1], vae.decode(z[2, 1:2])[0], atol=1e-5)
+        assert torch.allclose(loc[2, 1], vae.encode(x[2, 1:2])[0][0], atol=1e-5)
+
+
+def test_paper_cnn_parameter_count():
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def conv(c_in, c_out, k):  # weight + bias
+        return c_in * c_out * k * k + c_out
+
+    def dense(n_in, n_out):
+        return n_in * n_out + n_out
+
+    def gated(n):  # two independent copies, a(x) and g(x)
+        return 2 * n
+
+    encoder = (
+        gated(conv(1, 32, 7)) + gated(conv(32, 32, 3)) + gated(conv(32, 64, 5)) + gated(conv(64, 64, 3))
+        + gated(conv(64, 6, 3))
+        + dense(6 * 7 * 7, 40) + dense(6 * 7 * 7, 40)  # loc and (clamped) logvar
+    )
+    decoder = (
+        gated(dense(40, 300)) + gated(dense(300, 784))
+        + gated(conv(1, 64, 3)) + 3 * gated(conv(64, 64, 3))
+        + conv(64, 1, 1)
+    )
+    # the same sums with every number written out
+    assert encoder == (
+        2 * (1 * 32 * 49 + 32)  # 3 200
+        + 2 * (32 * 32 * 9 + 32)  # 18 496
+        + 2 * (32 * 64 * 25 + 64)  # 102 528
+        + 2 * (64 * 64 * 9 + 64)  # 73 856
+        + 2 * (64 * 6 * 9 + 6)  # 6 924
+        + 2 * (294 * 40 + 40)  # 23 600
+    ) == 228_604
+    assert decoder == (
+        2 * (40 * 300 + 300)  # 24 600
+        + 2 * (300 * 784 + 784)  # 471 968
+        + 2 * (1 * 64 * 9 + 64)  # 1 280
+        + 3 * 2 * (64 * 64 * 9 + 64)  # 221 568
+        + (64 * 1 * 1 + 1)  # 65
+    ) == 719_481
+    vae = ConvVAE()
+    assert count(vae.encoder) == encoder
+    assert count(vae.decoder) == decoder
+    assert count(vae) == 948_085
+    # cnn-light: the same encoder (softplus head, same size); z -> 784 in one gated dense layer
+    light = ConvVAELight()
+    assert count(light.encoder) == encoder
+    light_decoder = decoder - gated(dense(40, 300)) - gated(dense(300, 784)) + gated(dense(40, 784))
+    assert count(light.decoder) == light_decoder == 287_201
+    assert isinstance(light.encoder[1], GaussianHead)
+
+
+def test_paper_cnn_clamps_the_log_variance():
+    vae = ConvVAE()
+    features, head = vae.encoder
+    assert head.bounds == (-6.0, 2.0)
+    x = torch.cat([1e6 * torch.rand(4, 784), -1e6 * torch.rand(4, 784)])  # huge inputs, both signs
+    raw = head.logvar(features(x))
+    assert raw.abs().max() > 1e3  # the linear layer alone is far outside [-6, 2]
+    loc, scale = vae.encode(x)
+    assert torch.isfinite(loc).all() and torch.isfinite(scale).all()
+    logvar = 2 * torch.log(scale)
+    assert (logvar >= -6 - 1e-5).all() and (logvar <= 2 + 1e-5).all()
+    # both ends are reached: scale = exp(-3) and exp(1) exactly where the raw output is beyond them
+    assert torch.allclose(scale[raw <= -6], torch.tensor(math.exp(-3.0)))
+    assert torch.allclose(scale[raw >= 2], torch.tensor(math.exp(1.0)))
+    assert (raw <= -6).any() and (raw >= 2).any()
+    # within the interval the head is exp(logvar / 2) of the linear output
+    h = 1e-3 * torch.randn(5, 294)
+    assert torch.allclose(head(h)[1], torch.exp(0.5 * head.logvar(h)))
+    # the guide's scale is the head's (times proposal_scale)
+    binary = (x > 0).float()
+    guide_tr, _ = traces(vae, binary, particles=2)
+    assert torch.equal(guide_tr.nodes["z"]["fn"].base_dist.scale, vae.encode(binary)[1].expand(2, 8, 40))
+    with pytest.raises(ValueError):
+        ClampedLogVarHead(3, 2, bounds=(2.0, -6.0))
+    # the light CNN keeps the softplus head: scale floor min_scale, no upper bound
+    light_scale = ConvVAELight().encode(x)[1]
+    assert (light_scale >= 1e-4).all() and light_scale.max() > math.exp(1.0)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sample(name):
     vae = CONFIGS[name]()
@@ -325,10 +471,23 @@ def test_sample(name):
         assert s.std() > 0
 
 
+def test_command_line_model_names():
+    from pyro_iwem.data import load_digits_binary
+    from pyro_iwem.experiments.setup import MODELS as CLI_MODELS
+    from pyro_iwem.experiments.setup import make_model
+
+    assert set(CLI_MODELS) <= set(MODELS) and {"cnn", "cnn-light"} <= set(CLI_MODELS)
+    data = load_digits_binary()
+    paper, light = (make_model({"model": name}, data, "cpu") for name in ("cnn", "cnn-light"))
+    assert type(paper) is ConvVAE and type(light) is ConvVAELight
+    assert paper.image_shape == light.image_shape == (8, 8)
+
+
 def test_build_model():
     assert isinstance(build_model("mlp"), MLPVAE)
     assert isinstance(build_model("mlp2"), MLPVAE2)
     assert isinstance(build_model("cnn", decoder_channels=(4,)), ConvVAE)
+    assert isinstance(build_model("cnn-light", decoder_channels=(4,)), ConvVAELight)
     tab = build_model("tabular", x_dim=4)
     assert isinstance(tab, TabularVAE) and tab.z_dim == 3
     assert build_model("mlp", z_dim=10, hidden=(20,)).z_dim == 10

@@ -5,17 +5,17 @@ registered as ``"decoder"``) and ``guide(x, mask=None)`` (q(z | x; φ), register
 ``"encoder"``), ``z_dim`` and ``sample(n)``.
 """
 
-from .conv import ConvVAE
+from .conv import ConvVAE, ConvVAELight
 from .tabular import TabularVAE
 from .vae import MLPVAE, MLPVAE2, VAE
 
 #: The model classes by name, as :func:`build_model` and ``pyro-iwem train --model`` know them.
-MODELS = {"mlp": MLPVAE, "mlp2": MLPVAE2, "cnn": ConvVAE, "tabular": TabularVAE}
+MODELS = {"mlp": MLPVAE, "mlp2": MLPVAE2, "cnn": ConvVAE, "cnn-light": ConvVAELight, "tabular": TabularVAE}
 
 
 def build_model(name, **kwargs):
-    """Construct a model by name: ``"mlp"``, ``"mlp2"``, ``"cnn"`` or ``"tabular"``;
-    ``kwargs`` go to the constructor."""
+    """Construct a model by name: ``"mlp"``, ``"mlp2"``, ``"cnn"`` (the paper's CNN),
+    ``"cnn-light"`` or ``"tabular"``; ``kwargs`` go to the constructor."""
     try:
         cls = MODELS[name]
     except KeyError:
@@ -23,4 +23,4 @@ def build_model(name, **kwargs):
     return cls(**kwargs)
 
 
-__all__ = ["MLPVAE", "MLPVAE2", "MODELS", "VAE", "ConvVAE", "TabularVAE", "build_model"]
+__all__ = ["MLPVAE", "MLPVAE2", "MODELS", "VAE", "ConvVAE", "ConvVAELight", "TabularVAE", "build_model"]

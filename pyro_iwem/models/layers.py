@@ -54,6 +54,41 @@ class GaussianHead(nn.Module):
         return self.loc(h), F.softplus(self.scale(h)) + self.min_scale
 
 
+class ClampedLogVarHead(nn.Module):
+    r"""Maps features ``h`` to the parameters of a diagonal Normal through a clamped
+    log-variance, as in Tomczak & Welling's (2017) VAEs (their ``q_z_logvar``, a linear
+    layer followed by ``nn.Hardtanh(-6, 2)``):
+
+        loc = W_loc h + b_loc,    logvar = hardtanh(W_logvar h + b_logvar, lo, hi),
+        scale = exp(logvar / 2).
+
+    The scale stays within ``[exp(lo / 2), exp(hi / 2)]`` (about ``[0.050, 2.72]`` with the
+    default ``bounds=(-6, 2)``), so no floor is needed; a saturated unit gets no gradient. With
+    zero-initialised biases the initial scale is about exp(0) = 1.
+
+    :param int in_dim: feature size.
+    :param int out_dim: latent dimension.
+    :param bounds: ``(lo, hi)``, the interval of the log-variance.
+    :returns: a tuple ``(loc, scale)``, each of shape ``h.shape[:-1] + (out_dim,)``.
+    """
+
+    def __init__(self, in_dim, out_dim, bounds=(-6.0, 2.0)):
+        super().__init__()
+        lo, hi = map(float, bounds)
+        if not lo < hi:
+            raise ValueError(f"bounds must be (lo, hi) with lo < hi, got {tuple(bounds)}")
+        self.loc = nn.Linear(in_dim, out_dim)
+        self.logvar = nn.Linear(in_dim, out_dim)
+        self.bounds = (lo, hi)
+
+    def log_variance(self, h):
+        """The clamped log-variance, ``hardtanh(W_logvar h + b_logvar, lo, hi)``."""
+        return F.hardtanh(self.logvar(h), *self.bounds)
+
+    def forward(self, h):
+        return self.loc(h), torch.exp(0.5 * self.log_variance(h))
+
+
 class StudentTHead(GaussianHead):
     r"""A :class:`GaussianHead` that also outputs degrees of freedom for a Student-t:
     ``df = softplus(W_df h + b_df) + min_df``. The default ``min_df=3`` (Mattei & Frellsen's
