@@ -7,6 +7,7 @@ static MNIST test needs the data root and is skipped without it.
 import itertools
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -15,10 +16,12 @@ import torch
 from PIL import Image
 
 from pyro_iwem.data import data_root_exists
+from pyro_iwem.experiments import evaluate
 from pyro_iwem.experiments.checkpoint import torch_load
 from pyro_iwem.experiments.cli import main
 from pyro_iwem.experiments.images import grid_size
 from pyro_iwem.experiments.table import format_table
+from pyro_iwem.infer import IWAELoss
 
 # 2 training batches per epoch, 50 validation and 50 test images.
 TINY = ["--max-train", "200", "--max-eval", "50", "--K", "3", "--J", "3", "--eval-K", "20", "--valid-K", "5", "--device", "cpu", "--quiet"]
@@ -156,6 +159,9 @@ def test_every_method_and_model_trains(tmp_path, method, model):
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["test_ll"]) and metrics["test_ll"] < 0
     assert metrics["final_alpha"] == {"iwem": 0.01, "iwem-woo": 0.01, "iwem-woa": 1.0, "iwae-em": 1.0}.get(method)
+    if model == "cnn":  # the paper's decoder: z (40) -> gated dense 300 -> gated dense to the 64 pixels
+        state = torch_load(out / "best.pt")["model"]
+        assert state["decoder.0.a.weight"].shape == (300, 40) and state["decoder.1.a.weight"].shape == (64, 300)
 
 
 @pytest.mark.parametrize("method", ["miss-iwae", "miss-iwem", "miss-iwem-woa"])
@@ -346,6 +352,53 @@ def test_evaluate_all_test_ignores_max_eval(tmp_path, capsys):
     updated = json.loads((out / "metrics.json").read_text())
     assert updated["test_ll_K20"] == pytest.approx(metrics["test_ll"], abs=1e-6)  # the slice again
     assert updated["test_ll_all_K20"] != pytest.approx(updated["test_ll_K20"], abs=1e-3)  # more images
+
+
+def test_evaluate_refit_encoder_records_both_scores_repeatably(digits_run, tmp_path, capsys, monkeypatch):
+    """``--refit-encoder``: the plain score and the refitted one side by side; run again, from
+    its saved fit, from scratch or after an interruption, the same number."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    argv = ["evaluate", str(run), "--K", "20", "--device", "cpu", "--refit-encoder", "6", "--refit-K", "3"]
+    assert main(argv) == 0
+    plain_line, refit_line = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads((run / "metrics.json").read_text())
+    plain, refit = metrics["test_ll_K20"], metrics["test_ll_refit6_K20"]
+    assert plain == pytest.approx(metrics["test_ll"], abs=1e-6)  # the run's own score
+    assert math.isfinite(refit) and refit < 0 and refit != plain
+    assert f"test LL {plain:.3f} nats" in plain_line
+    assert f"test LL {refit:.3f} nats with a refitted encoder" in refit_line and "test_ll_refit6_K20" in refit_line
+    settings = metrics["refit"]["test_ll_refit6_K20"]
+    assert (settings["steps"], settings["num_particles"], settings["batch_size"]) == (6, 3, metrics["batch_size"])
+    assert (settings["lr"], settings["seed"]) == (metrics["lr"], metrics["seed"])
+    (saved,) = run.glob("refit-6-*.pt")
+    assert torch_load(saved)["step"] == 6
+    best = torch_load(run / "best.pt")["model"]
+    for name, value in best.items():  # best.pt is never rewritten
+        assert torch.equal(value, torch_load(digits_run / "best.pt")["model"][name]), name
+
+    def recorded():
+        return json.loads((run / "metrics.json").read_text())["test_ll_refit6_K20"]
+
+    assert main(argv) == 0 and recorded() == refit  # the saved fit, reused
+    # from scratch, interrupted after a saved state (every 2 steps here) and run again: the same
+    saved.unlink()
+    monkeypatch.setattr(evaluate, "REFIT_CHECKPOINT_EVERY", 2)
+    calls, original = [], IWAELoss.loss_and_grads
+
+    def interrupted_at_step_5(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IWAELoss, "loss_and_grads", interrupted_at_step_5)
+    capsys.readouterr()
+    assert main(argv) == 130
+    assert "continues the encoder's refit" in capsys.readouterr().err
+    assert torch_load(saved)["step"] == 4
+    assert main(argv) == 0 and recorded() == refit
+    assert len(calls) == 4 + 1 + 2  # steps 1-4, the interrupted 5th, then only 5 and 6
 
 
 def test_table_curves_png(digits_run, tmp_path, capsys):

@@ -71,7 +71,7 @@ def test_the_command_line_reference_is_the_parser(site):
     text = page(site, "cli.html")
     parser = build_parser()
     (subparsers,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-    assert set(subparsers.choices) == {"train", "evaluate", "table", "sweep", "impute"}
+    assert set(subparsers.choices) == {"train", "evaluate", "table", "figures", "sweep", "impute"}
     for name, sub in subparsers.choices.items():
         assert f"pyro-iwem {name}" in text, name
         for action in sub._actions:

@@ -1,6 +1,6 @@
 """The ``pyro-iwem`` command line (also ``python -m pyro_iwem``).
 
-Subcommands: ``train``, ``evaluate``, ``table``, ``sweep`` and ``impute``. Bad arguments, a missing or
+Subcommands: ``train``, ``evaluate``, ``table``, ``figures``, ``sweep`` and ``impute``. Bad arguments, a missing or
 corrupt data file and a run directory in the way are reported as one line on stderr with
 exit status 2.
 """
@@ -14,6 +14,7 @@ from pyro_iwem.data import DataFileError
 from pyro_iwem.infer import METHODS
 
 from .errors import RunError
+from .figures import DEFAULT_NUM_DATA, DEFAULT_REPEATS
 from .impute import IMPUTE_DEFAULTS, IMPUTE_METHODS, TABLE_DATASETS
 from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MODELS, TRAIN_DEFAULTS
 
@@ -95,6 +96,13 @@ FORWARDED_OPTIONS = (
     ("--data-seed", {"type": nonneg_int, "help": "seed of the data's fixed random choices, e.g. the one-off "
                          f"binarisation of dynamic MNIST's test set (default {_default('data_seed')})"}),
     ("--data-root", {"metavar": "DIR", "help": "data directory (default: $PYRO_IWEM_DATA, else shared/data nearby)"}),
+    ("--record-variance", {"type": nonneg_int, "metavar": "N", "help": "after every epoch, record the variance of "
+                               "the E-step estimate (eq. 2) and of the ELBO's (eq. 3) over --variance-repeats importance "
+                               "samplings of K particles, averaged over the first N training images, in the history "
+                               "and metrics.json (for `figures`; costs N x repeats x K particles without gradients per "
+                               "epoch; training is unchanged) (default 0: off)"}),
+    ("--variance-repeats", {"type": _number(int, "an integer >= 2", 2), "metavar": "R",
+                            "help": f"importance samplings per datum of --record-variance (default {_default('variance_repeats')}, the paper's)"}),
     ("--device", {"choices": ("auto", "cpu", "cuda"), "help": "auto: cuda when available (default auto)"}),
     ("--threads", {"type": positive_int, "help": "torch intra-op threads (default: torch's)"}),
     ("--quiet", {"action": "store_true", "default": False, "help": "no progress bars and per-epoch lines"}),
@@ -137,7 +145,9 @@ def add_evaluate_parser(subparsers):
         "evaluate",
         help="recompute the test log-likelihood of a run's best parameters",
         description="Reload RUN_DIR/best.pt, recompute the test log-likelihood (IWAE bound with "
-        "--K samples, seeded with the run's seed) and record it as test_ll_K<K> in metrics.json.",
+        "--K samples, seeded with the run's seed) and record it as test_ll_K<K> in metrics.json; "
+        "with --refit-encoder, also the same bound with a fresh encoder fitted to the frozen decoder, "
+        "a score that does not depend on the proposal the method trained.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--K", type=positive_int, default=5000, help="samples of the IWAE bound (default 5000)")
@@ -148,6 +158,14 @@ def add_evaluate_parser(subparsers):
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--all-test", action="store_true",
                    help="use the whole test split even if the run used --max-eval; recorded as test_ll_all_K<K>")
+    p.add_argument("--refit-encoder", type=positive_int, metavar="STEPS",
+                   help="also score the decoder with a fresh encoder fitted to it: the encoder re-initialised "
+                   "(seeded by --seed), STEPS Adam steps of IWAE on the run's training images and batch size "
+                   "with the decoder frozen, then the same K-sample bound; recorded as test_ll_refit<STEPS>_K<K> "
+                   "beside the plain score (a proposal-independent comparison of methods). The fit is saved "
+                   "in RUN_DIR every 500 steps: an interrupted one resumes, a finished one is reused")
+    p.add_argument("--refit-K", type=positive_int, default=50, help="particles of the refit's IWAE loss (default 50)")
+    p.add_argument("--refit-lr", type=positive_float, help="Adam learning rate of the refit (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -165,6 +183,40 @@ def add_table_parser(subparsers):
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
     p.add_argument("--curves", metavar="PNG", help="also plot each method's validation curve (mean over runs)")
     p.set_defaults(func=cmd_table)
+
+
+def figure_numbers(text):
+    """A ``--figures`` list: numbers among :data:`~pyro_iwem.experiments.figures.FIGURES`."""
+    from .figures import FIGURES
+
+    numbers = list_of(one_of(tuple(map(str, FIGURES)), "figure"))(text)
+    return sorted({int(n) for n in numbers})
+
+
+def add_figures_parser(subparsers):
+    p = subparsers.add_parser(
+        "figures",
+        help="the variance figures of the paper (Figures 1, 2 and 4) from training runs",
+        description="Draw, as PNG plus a JSON of the numbers in --out: Figure 1, the variance of the "
+        "E-step estimate (eq. 2; and of the ELBO's estimate, eq. 3) per epoch that `train "
+        "--record-variance N` recorded, one line per method (mean over seeds, range as a band); "
+        "Figure 2, box plots over the first N training images of the per-datum variances of (2) and "
+        "(3) at each run's best parameters (best.pt); Figure 4, the same variance of (9) with α = 1 "
+        "for the missing-data runs, one box per number of missing patches. Parent directories are "
+        "searched recursively for runs (checkpoint.pt).",
+    )
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory of the PNG and JSON files")
+    p.add_argument("--figures", type=figure_numbers, metavar="1,2,4",
+                   help="which figures (default: 1 and 2, and 4 when missing-data runs are given)")
+    p.add_argument("--num-data", type=positive_int, metavar="N",
+                   help=f"training images of Figures 2 and 4 (default: the run's --record-variance, else {DEFAULT_NUM_DATA})")
+    p.add_argument("--repeats", type=_number(int, "an integer >= 2", 2), metavar="R",
+                   help=f"importance samplings per datum (default: the run's --variance-repeats, else {DEFAULT_REPEATS})")
+    p.add_argument("--data-root", metavar="DIR", help="data directory (default: the run's, $PYRO_IWEM_DATA, ...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.set_defaults(func=cmd_figures)
 
 
 def add_sweep_parser(subparsers):
@@ -265,6 +317,7 @@ def build_parser():
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_table_parser(subparsers)
+    add_figures_parser(subparsers)
     add_sweep_parser(subparsers)
     add_impute_parser(subparsers)
     return parser
@@ -300,11 +353,21 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from .evaluate import evaluate_run
 
-    test_ll, metrics, seconds = evaluate_run(
-        args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads, args.all_test
+    result = evaluate_run(
+        args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads, args.all_test,
+        refit_steps=args.refit_encoder, refit_K=args.refit_K, refit_lr=args.refit_lr, progress=True,
     )
-    where = "recorded in metrics.json" if metrics is not None else "no metrics.json to record it in"
-    print(f"{args.run_dir}: test LL {test_ll:.3f} nats (K={args.K}, {seconds:.1f} s; {where})", flush=True)
+    where = "recorded in metrics.json" if result.metrics is not None else "no metrics.json to record it in"
+    print(f"{args.run_dir}: test LL {result.test_ll:.3f} nats (K={args.K}, {result.seconds:.1f} s; {where})", flush=True)
+    if result.refit is not None:
+        r = result.refit
+        print(
+            f"{args.run_dir}: test LL {result.refit_ll:.3f} nats with a refitted encoder (K={args.K}; encoder: "
+            f"{r['steps']} IWAE steps, K={r['num_particles']}, lr {r['lr']:g}, batch {r['batch_size']}, "
+            f"train bound {r['train_bound']:.3f}, {r['refit_seconds']:.1f} s; "
+            + (f"recorded in metrics.json as {r['key']})" if result.metrics is not None else f"{r['key']}; {where})"),
+            flush=True,
+        )
     return 0
 
 
@@ -321,6 +384,21 @@ def cmd_table(args):
     if args.output:
         with atomic_path(args.output) as tmp:
             pathlib.Path(tmp).write_text(table + "\n")
+    return 0
+
+
+def cmd_figures(args):
+    import torch
+
+    from .figures import make_figures
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    written = make_figures(
+        args.paths, args.out, args.figures, args.num_data, args.repeats, args.device, args.data_root
+    )
+    for number, png in written.items():
+        print(f"Figure {number}: {png} (numbers in {png.with_suffix('.json').name})", flush=True)
     return 0
 
 
@@ -375,7 +453,10 @@ def main(argv=None):
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted" + ("; continue with --resume" if args.command == "train" else ""), file=sys.stderr)
+        hint = {"train": "; continue with --resume"}.get(args.command, "")
+        if args.command == "evaluate" and args.refit_encoder:
+            hint = "; the same command continues the encoder's refit from its last saved state"
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout's reader went away (`pyro-iwem table ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -1,4 +1,5 @@
-"""Figures of a run: a PNG grid of model samples (PIL only) and the learning curve."""
+"""Figures of a run: a PNG grid of model samples (PIL only), the learning curve and the
+variance figures (the paper's Figures 1, 2 and 4)."""
 
 import math
 
@@ -143,4 +144,85 @@ def save_completion_grid(columns, image_shape, path, title=""):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
+    _save_figure(fig, path)
+
+
+def save_variance_curves(curves, path, title=""):
+    """Figure 1 of the paper: the variance of the E-step estimate (eq. 2, left) and of the two
+    readings of eq. (3) (its θ-part, the mean log p; the ELBO's value) per epoch, averaged over
+    the data, written to ``path`` (PNG): for each group, the mean over its runs and, with several
+    runs, their range as a band; log scale.
+
+    :param dict curves: group label -> ``(epochs, values)``, where ``values`` maps ``var_q_hat``,
+        ``var_joint`` and ``var_elbo`` to lists holding one value per run at each of ``epochs``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = (
+        ("var_q_hat", "(2): Q̂ = Σ w̄ log p, self-normalised IS"),
+        ("var_joint", "(3), θ-part: mean log p, plain MC"),
+        ("var_elbo", "(3): the ELBO, mean log p/q"),
+    )
+    fig = Figure(figsize=(14, 4.4), dpi=100)
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (key, name) in zip(axes, panels):
+        positive = True
+        for label, (epochs, values) in curves.items():
+            values = np.array(values[key], dtype=float)
+            mean = values.mean(1)
+            runs = values.shape[1]
+            (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, ms=3, lw=1.4,
+                              label=f"{label} ({runs} run{'s' if runs > 1 else ''}): {mean[-1]:.3g}")
+            if runs > 1:
+                ax.fill_between(epochs, values.min(1), values.max(1), color=line.get_color(), alpha=0.15)
+            positive = positive and bool((values > 0).all())
+        if positive:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"variance of {name}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("variance, mean over the data")
+    fig.suptitle(title, fontsize=9)
+    _save_figure(fig, path)
+
+
+def save_variance_boxplots(boxes, path, title="", xlabel="", ylabel="variance"):
+    """Figures 2 and 4 of the paper: box plots of per-datum variances, written to ``path`` (PNG):
+    one position on the x axis per category, one coloured box per series within it (log scale
+    when every value is positive; whiskers at 1.5 IQR, outliers as points).
+
+    :param dict boxes: category -> {series -> list of per-datum values}.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    series = list(dict.fromkeys(name for inner in boxes.values() for name in inner))
+    colors = {name: f"C{i}" for i, name in enumerate(series)}
+    width = min(0.8 / max(len(series), 1), 0.4)
+    fig = Figure(figsize=(max(5.0, 1.2 + 1.1 * len(boxes) * max(len(series), 1) ** 0.5), 4.5), dpi=100)
+    ax = fig.add_subplot()
+    positive = True
+    for i, (category, inner) in enumerate(boxes.items()):
+        for j, name in enumerate(series):
+            if name not in inner or not inner[name]:
+                continue
+            values = np.asarray(inner[name], dtype=float)
+            positive = positive and bool((values > 0).all())
+            position = i + (j - (len(series) - 1) / 2) * width
+            ax.boxplot(values, positions=[position], widths=width * 0.85, patch_artist=True,
+                       boxprops={"facecolor": colors[name], "alpha": 0.6}, medianprops={"color": "black"},
+                       flierprops={"markersize": 2})
+    ax.set_xticks(range(len(boxes)))
+    ax.set_xticklabels(list(boxes), fontsize=8, rotation=0 if len(boxes) < 5 else 20)
+    ax.set_xlim(-0.6, len(boxes) - 0.4)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(handles=[Patch(facecolor=colors[n], alpha=0.6, label=n) for n in series], fontsize=8)
     _save_figure(fig, path)

@@ -13,7 +13,7 @@ from pyro_iwem.models import build_model
 from .errors import RunError
 
 DATASETS = ("static-mnist", "dynamic-mnist", "omniglot", "caltech101", "digits-8x8")
-MODELS = ("mlp", "mlp2", "cnn")
+MODELS = ("mlp", "mlp2", "cnn", "cnn-light")
 #: The paper's order of methods (Table 1), then this project's one-pass IWEM.
 METHOD_ORDER = ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem", "iwem-one-pass")
 #: Methods for data with missing entries (Table 3), in the paper's order.
@@ -67,6 +67,8 @@ TRAIN_DEFAULTS = {
     "patience": 50,
     "threads": None,
     "data_root": None,
+    "record_variance": 0,
+    "variance_repeats": 100,
 }
 
 # Our models have one plate over data points, named "data". Passing this explicitly spares
@@ -129,7 +131,7 @@ def load_data(config, root=None):
 def make_model(config, data, device):
     """The config's model for ``data``, on ``device``."""
     name = config["model"]
-    if name == "cnn":
+    if name in ("cnn", "cnn-light"):
         model = build_model(name, image_shape=data.image_shape)
     else:
         model = build_model(name, x_dim=data.num_pixels, train_mean=data.train_mean())

@@ -35,9 +35,11 @@ from .checkpoint import (
 )
 from .errors import RunError, TrainingDiverged
 from .evaluate import completions, mean_log_likelihood, test_log_likelihood
+from .figures import subset_variances, summary, variance_metrics, variance_subset
 from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
     CONFIG_KEYS,
+    MISSING_DATA_INPUTS,
     TRAIN_DEFAULTS,
     check_missing_data,
     data_root,
@@ -158,6 +160,11 @@ class Trainer:
         self.data = load_data(self.config, args.data_root)
         self.model = make_model(self.config, self.data, self.device)
         self.method = make_method(self.config, self.model)
+        self.variance_inputs = None
+        if args.record_variance:  # the fixed subset of Figure 1
+            self.variance_inputs = variance_subset(
+                self.data, args.record_variance, args.seed, self.device, with_mask=args.method in MISSING_DATA_INPUTS
+            )
 
         self.epoch = 0
         self.history = []
@@ -244,6 +251,21 @@ class Trainer:
                 self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device
             )
 
+    def record_variance(self):
+        """The history's variance entries after an epoch (``--record-variance N``): the mean
+        and median over the first N training images of the per-datum variances of eqs. (2) and
+        (3) at the current parameters, in a random stream of their own (training is unchanged);
+        empty without the option."""
+        if self.variance_inputs is None:
+            return {}
+        args = self.args
+        start = time.perf_counter()
+        with torch.no_grad():
+            variances = subset_variances(
+                self.model, args.method, args.K, self.variance_inputs, args.variance_repeats, args.seed, self.epoch
+            )
+        return summary(variances) | {"variance_seconds": time.perf_counter() - start}
+
     def save_checkpoint(self, wall_seconds):
         atomic_torch_save(
             {
@@ -302,6 +324,7 @@ class Trainer:
             elif alpha is None or alpha >= 1:  # no patience is spent while annealing
                 self.bad_epochs += 1
             seconds = time.perf_counter() - epoch_start
+            variance = self.record_variance()
             self.history.append(
                 {
                     "epoch": self.epoch,
@@ -311,12 +334,14 @@ class Trainer:
                     "alpha": alpha,
                     "ess": ess,
                     "seconds": seconds,
+                    **variance,
                 }
             )
             self.save_checkpoint(self.prior_seconds + time.perf_counter() - start)
             self.log(
                 f"epoch {self.epoch}/{args.epochs}  loss/datum {loss:.3f}  valid LL {valid_ll:.3f}"
                 f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  bound {_fmt(bound)}  {seconds:.1f} s"
+                + (f"  Var(Q̂) {variance['var_q_hat']:.4g}  Var(ELBO) {variance['var_elbo']:.4g}" if variance else "")
             )
         if self.bad_epochs >= args.patience:
             self.log(f"early stop: no validation gain in {self.bad_epochs} epochs at α = 1")
@@ -367,6 +392,9 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "data_root": str(data_root(args.data_root)),
             "note": data.note,
+            **variance_metrics(
+                self.history, len(self.variance_inputs[0]) if self.variance_inputs else None, args.variance_repeats, args.K
+            ),
         }
         atomic_write_json(metrics, self.run_dir / METRICS)
         return metrics

@@ -1,4 +1,5 @@
-"""Inference: the trace machinery, IWEM and its baselines, annealing and evaluation."""
+"""Inference: the trace machinery, IWEM and its baselines, annealing, evaluation and the
+E-step's variance."""
 
 from .annealing import Annealing, NoAnnealing
 from .evaluation import iwae_bound
@@ -17,6 +18,7 @@ from .objectives import (
     snis_objective,
 )
 from .traces import Particles, ParticleSampler
+from .variance import VarianceEstimate, estimate_variance
 
 __all__ = [
     "IWEM",
@@ -35,9 +37,11 @@ __all__ = [
     "Particles",
     "STLLoss",
     "VAELoss",
+    "VarianceEstimate",
     "ZeroFilledInputs",
     "build_method",
     "effective_sample_size",
+    "estimate_variance",
     "iwae_bound",
     "iwae_objective",
     "log_mean_exp",
