@@ -60,11 +60,9 @@ def iwae_bound(
         while remaining > 0:
             if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
                 n = PROBE_PARTICLES
-                device = _device(args)
-                peak, particles = peak_memory(lambda: sampler(n, args, kwargs, grad_guide=False), device)
-                chunk_size = max(1, int(memory_budget * n // max(peak, 1)))
-                if device is None or device.type == "cpu":
-                    chunk_size = min(chunk_size, CPU_MAX_CHUNK)
+                chunk_size, particles = budget_chunk(
+                    lambda: sampler(n, args, kwargs, grad_guide=False), n, memory_budget, _device(args)
+                )
             else:
                 n = min(chunk_size or remaining, remaining)
                 particles = sampler(n, args, kwargs, grad_guide=False, subsample=subsample)
@@ -73,6 +71,17 @@ def iwae_bound(
             total = chunk if total is None else torch.logaddexp(total, chunk)
             remaining -= n
     return total - math.log(num_particles)
+
+
+def budget_chunk(draw, num_particles, memory_budget, device=None):
+    """``(particles per chunk, draw())``: runs ``draw`` (a probe of ``num_particles``
+    particles) under ``peak_memory`` and scales its peak to ``memory_budget``; on the CPU
+    at most ``CPU_MAX_CHUNK`` particles, beyond which chunks only run slower."""
+    peak, result = peak_memory(draw, device)
+    chunk = max(1, int(memory_budget * num_particles // max(peak, 1)))
+    if device is None or device.type == "cpu":
+        chunk = min(chunk, CPU_MAX_CHUNK)
+    return chunk, result
 
 
 def peak_memory(fn, device=None):

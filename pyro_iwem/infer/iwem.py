@@ -197,10 +197,13 @@ class IWEM:
         self._warn_if_empty(theta=theta)
         before = _Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
-        log_w = particles.log_w[: self.K].detach()
+        self._record_e_step(particles.log_w[: self.K].detach())
+        return loss.item(), theta, particles.subsample, before
+
+    def _record_e_step(self, log_w):
+        """:attr:`ess` and :attr:`bound` of the E-step's K log weights ``(K, B)``."""
         self.ess = effective_sample_size(log_w).mean().item()
         self.bound = log_mean_exp(log_w).mean().item()
-        return loss.item(), theta, particles.subsample, before
 
     def _one_pass_step(self, args, kwargs, guide_args):
         particles = self.sampler(
@@ -222,9 +225,7 @@ class IWEM:
             self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
         for p in grads:
             p.grad = None
-        log_w = particles.log_w.detach()
-        self.ess = effective_sample_size(log_w).mean().item()
-        self.bound = log_mean_exp(log_w).mean().item()
+        self._record_e_step(particles.log_w.detach())
         self.p_loss = p_loss.item()
         return e_loss.item()
 

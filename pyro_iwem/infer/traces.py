@@ -208,16 +208,14 @@ def _subsample_trace(*traces):
 
 
 def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
-    """The deepest plate nesting of one unvectorised run of the guide and the replayed model,
-    and whether the model asks for enumeration.
+    """The deepest plate nesting of one unvectorised run of the guide and the replayed model.
 
     Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
     guide_args = args if guide_args is None else guide_args
     guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
-    annotations = _EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
     with poutine.block(), torch.no_grad(), torch.random.fork_rng():
         guide_trace = _run_guide(guide, guide_args, guide_kwargs)
-        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(annotations(model), trace=guide_trace))
+        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
@@ -229,7 +227,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_k
     for trace in (guide_trace, model_trace):
         for name, site in _density_sites(trace):
             _check_batch_dims_declared(name, site)
-    return max(dims, default=0), annotations.found
+    return max(dims, default=0)
 
 
 def _model_leaves(model, args, kwargs):
@@ -373,7 +371,7 @@ class ParticleSampler:
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
         if self.max_plate_nesting is None:
-            self.max_plate_nesting, self._enumerates = guess_max_plate_nesting(
+            self.max_plate_nesting = guess_max_plate_nesting(
                 self.model, self.guide, args, kwargs, guide_args, guide_kwargs
             )
         self._model_inputs = (args, kwargs)
@@ -431,7 +429,7 @@ class ParticleSampler:
             poutine.replay(inner, trace=guide_trace)
         )
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        if self._enumerates is None:  # max_plate_nesting was given: learn it from this first run
+        if self._enumerates is None:  # the first run learns whether the model asks for enumeration
             self._enumerates = annotations.found
             if annotations.found:
                 return self._run(guide, model, model_inputs, guide_inputs, subsample, options, first_enum_dim)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .evaluation import CPU_MAX_CHUNK, _device, peak_memory
+from .evaluation import _device, budget_chunk
 from .traces import ParticleSampler
 
 
@@ -119,11 +119,8 @@ def estimate_variance(
                 particles = draw(repeats)
             elif chunk_size is None:
                 repeats = 1
-                device = _device(args)
-                peak, particles = peak_memory(lambda: draw(repeats), device)
-                chunk_size = max(1, int(memory_budget // max(peak, 1)))
-                if device is None or device.type == "cpu":
-                    chunk_size = min(chunk_size, max(1, CPU_MAX_CHUNK // K))
+                chunk, particles = budget_chunk(lambda: draw(repeats), K, memory_budget, _device(args))
+                chunk_size = max(1, chunk // K)
             else:
                 repeats = min(chunk_size, num_repeats - done)
                 particles = draw(repeats)
