@@ -47,6 +47,7 @@ def _number(convert, noun, lowest, strict=False):
 positive_int = _number(int, "a positive integer", 1)
 nonneg_int = _number(int, "a non-negative integer", 0)
 positive_float = _number(float, "a positive finite number", 0.0, strict=True)
+nonneg_float = _number(float, "a non-negative finite number", 0.0)
 
 
 def list_of(item_type):
@@ -106,6 +107,10 @@ FORWARDED_OPTIONS = (
     ("--device", {"choices": ("auto", "cpu", "cuda"), "help": "auto: cuda when available (default auto)"}),
     ("--threads", {"type": positive_int, "help": "torch intra-op threads (default: torch's)"}),
     ("--quiet", {"action": "store_true", "default": False, "help": "no progress bars and per-epoch lines"}),
+    ("--tensorboard", {"action": "store_true", "default": False, "help": "also write the per-epoch metrics (loss, α, "
+                           "ESS, bound, validation LL, variances when recorded) and the test LL as TensorBoard scalars "
+                           "in RUN_DIR/tensorboard (needs pip install 'pyro-iwem[tensorboard]'; view with "
+                           "`tensorboard --logdir RUN_DIR`, or a sweep's directory to compare its runs)"}),
 )
 
 
@@ -222,12 +227,16 @@ def add_figures_parser(subparsers):
 def add_sweep_parser(subparsers):
     p = subparsers.add_parser(
         "sweep",
-        help="run a grid of trainings, each as a subprocess, then tabulate",
+        help="run a grid of trainings on Ray (this machine or a cluster), then tabulate",
         description="Run every combination of --datasets, --models, --methods, --K-grid, "
-        "--J-grid and --seeds as `python -m pyro_iwem train ... --out "
-        "SWEEP_DIR/<dataset>-<model>-<method>-K<K>-J<J>-s<seed> --resume`, skipping finished "
-        "runs (metrics.json exists) and resuming interrupted ones; then write SWEEP_DIR/table.md. "
-        "Methods without J (vae, iwae, stl, dreg) run with the first J only.",
+        "--J-grid and --seeds as one Ray task each, doing `pyro-iwem train ... --out "
+        "SWEEP_DIR/<dataset>-<model>-<method>-K<K>-J<J>-s<seed> --resume`: on this machine "
+        "(Ray started for the sweep) or on the cluster at --address. Finished runs "
+        "(metrics.json exists) are skipped and interrupted ones resume from their checkpoint; a "
+        "run whose worker dies is retried from its checkpoint, one that fails by itself is "
+        "reported once. A summary of the runs is printed as they go, and SWEEP_DIR/table.md at "
+        "the end. Methods without J (vae, iwae, stl, dreg) run with the first J only. Needs "
+        "pip install 'pyro-iwem[ray]'.",
     )
     p.add_argument("--methods", type=list_of(one_of(tuple(METHODS), "method")), required=True, help="e.g. iwae,iwem")
     p.add_argument("--datasets", type=list_of(one_of(DATASETS, "dataset")), required=True, help="e.g. static-mnist")
@@ -239,10 +248,21 @@ def add_sweep_parser(subparsers):
     p.add_argument("--J", type=positive_int, default=50, help="J when there is no --J-grid (default 50)")
     for flag, kwargs in FORWARDED_OPTIONS:
         _add(p, flag, kwargs)
-    p.add_argument("--out", required=True, metavar="SWEEP_DIR")
+    p.add_argument("--out", "--storage", dest="out", required=True, metavar="SWEEP_DIR",
+                   help="the directory of the run directories; on a cluster, a path that every node reaches (a shared file system)")
+    p.add_argument("--address", help="a Ray cluster to send the runs to: auto (the cluster this machine belongs to), "
+                   "HOST:PORT, or ray://HOST:PORT (Ray Client); default: start Ray on this machine for the sweep")
+    p.add_argument("--cpus-per-run", type=positive_float, default=1.0,
+                   help="CPUs reserved per run, also its torch threads unless --threads is given (default 1)")
+    p.add_argument("--gpus-per-run", type=nonneg_float, default=0.0,
+                   help="GPUs per run; a fraction lets runs share a GPU, e.g. 0.25 puts four MLP runs on one (default 0)")
+    p.add_argument("--max-retries", type=nonneg_int, default=3,
+                   help="retries of a run whose worker or node died; each continues from the run's checkpoint (default 3)")
+    p.add_argument("--interval", type=positive_float, default=30.0,
+                   help="seconds between progress summaries while no run finishes (default 30)")
     p.add_argument("--metric", default="test_ll", help="the metric of the final table (default test_ll)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument("--dry-run", action="store_true", help="print each run's train command, run nothing")
+    p.add_argument("--fail-fast", action="store_true", help="cancel the other runs at the first failed run")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -340,11 +360,7 @@ def forwarded_argv(args):
 def cmd_train(args):
     from .train import Trainer, summary_line
 
-    trainer = Trainer(args)
-    try:
-        trainer.prepare()
-    except ValueError as e:  # raised while building data, model or method from the arguments
-        raise RunError(str(e)) from None
+    trainer = Trainer(args).prepare()
     metrics = trainer.run()
     print(summary_line(metrics, trainer.run_dir), flush=True)
     return 0
@@ -409,7 +425,17 @@ def cmd_sweep(args):
         args.datasets, args.models, args.methods, args.seeds, args.K_grid or [args.K], args.J_grid or [args.J]
     )
     failed = run_sweep(
-        runs, args.out, forwarded_argv(args), dry_run=args.dry_run, fail_fast=args.fail_fast, metric=args.metric
+        runs,
+        args.out,
+        forwarded_argv(args),
+        dry_run=args.dry_run,
+        fail_fast=args.fail_fast,
+        metric=args.metric,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run,
+        max_retries=args.max_retries,
+        interval=args.interval,
     )
     return 1 if failed else 0
 
@@ -453,7 +479,7 @@ def main(argv=None):
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = {"train": "; continue with --resume"}.get(args.command, "")
+        hint = {"train": "; continue with --resume", "sweep": "; the same command continues it"}.get(args.command, "")
         if args.command == "evaluate" and args.refit_encoder:
             hint = "; the same command continues the encoder's refit from its last saved state"
         print(f"{prog}: interrupted{hint}", file=sys.stderr)

@@ -49,6 +49,7 @@ from .setup import (
     resolve_device,
     run_config,
 )
+from .tensorboard import ScalarLog
 
 
 class _RunningMean:
@@ -84,12 +85,15 @@ class Trainer:
     :param args: an ``argparse.Namespace`` of the ``train`` options; options left ``None``
         take the checkpoint's values when resuming and :data:`TRAIN_DEFAULTS` otherwise.
     :param out: where progress lines go (default ``sys.stdout``; none with ``args.quiet``).
+    :param on_epoch: callables ``f(record)``, called with each epoch's history record once
+        its checkpoint is written (e.g. a sweep's progress report).
     """
 
-    def __init__(self, args, out=None):
+    def __init__(self, args, out=None, on_epoch=()):
         self.args = args
         self.quiet = bool(getattr(args, "quiet", False))
         self.out_stream = out
+        self.on_epoch = list(on_epoch)
         self.run_dir = pathlib.Path(args.out)
         self.checkpoint = None
 
@@ -147,6 +151,12 @@ class Trainer:
         check_missing_data(vars(args))
 
     def prepare(self):
+        try:
+            return self._prepare()
+        except ValueError as e:  # raised while building data, model or method from the arguments
+            raise RunError(str(e)) from None
+
+    def _prepare(self):
         self._check_run_dir()
         self._fill_options()
         args = self.args
@@ -300,6 +310,8 @@ class Trainer:
         (self.run_dir / METRICS).unlink(missing_ok=True)  # present only for finished runs
         if self.epoch:
             self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
+        scalar_log = ScalarLog(self.run_dir, self.history) if getattr(args, "tensorboard", False) else None
+        listeners = self.on_epoch + ([scalar_log.add] if scalar_log else [])
         while not self.done:
             epoch_start = time.perf_counter()
             loss, ess, alpha, bound = self.train_epoch()
@@ -343,9 +355,15 @@ class Trainer:
                 f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  bound {_fmt(bound)}  {seconds:.1f} s"
                 + (f"  Var(Q̂) {variance['var_q_hat']:.4g}  Var(ELBO) {variance['var_elbo']:.4g}" if variance else "")
             )
+            for listener in listeners:
+                listener(self.history[-1])
         if self.bad_epochs >= args.patience:
             self.log(f"early stop: no validation gain in {self.bad_epochs} epochs at α = 1")
-        return self.finish(self.prior_seconds + time.perf_counter() - start)
+        metrics = self.finish(self.prior_seconds + time.perf_counter() - start)
+        if scalar_log:
+            scalar_log.add({"epoch": self.epoch, "test_ll": metrics["test_ll"]})
+            scalar_log.close()
+        return metrics
 
     # --- the end --------------------------------------------------------------------------
     def finish(self, train_wall_seconds):
