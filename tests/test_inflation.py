@@ -1,18 +1,21 @@
-"""Proposal inflation (the official code's variance × 1.5) against closed forms."""
+"""Proposal inflation (the official code's variance × 1.5), IWEM's inflated steps and the
+|log p| offset of the optimal P-step, against closed forms and hand computations."""
 
 import math
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.optim
 import pytest
 import scipy.stats
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDiagonalNormal
 
-from pyro_iwem import iwae_bound
-from pyro_iwem.infer import ParticleSampler, ProposalInflation, inflate
+from pyro_iwem import IWEM, OptimalProposalLoss, iwae_bound
+from pyro_iwem.infer import ParticleSampler, ProposalInflation, inflate, optimal_proposal_objective
+from pyro_iwem.infer.losses import proposal_loss
 from pyro_iwem.infer.util import ModelError
 from tests.gaussian_models import PPCA
 
@@ -206,3 +209,154 @@ def test_inflated_bound_stays_below_log_p_and_approaches_it():
         gap[K], se[K] = exact - bounds.mean().item(), bounds.std().item() / math.sqrt(n)
     assert gap[10] > 4 * se[10], (gap, se)
     assert abs(gap[5000]) < 4 * se[5000] + 1e-4 and gap[5000] < gap[10] / 5, (gap, se)
+
+
+# --------------------------------------------------------------------- IWEM's steps
+
+
+class Spy:
+    """Records the particles and the ``inflation`` of every call of a sampler."""
+
+    def __init__(self, sampler):
+        self.sampler, self.calls = sampler, []
+
+    def __call__(self, num_particles, *args, **kwargs):
+        particles = self.sampler(num_particles, *args, **kwargs)
+        self.calls.append((kwargs.get("inflation"), particles))
+        return particles
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def ppca_by_hand(x, z, factor):
+    """log p(x, z) and log q_c(z | x) of PPCA from the params, by hand (numpy/scipy)."""
+    W, mu, sigma = (pyro.param(n).detach().numpy() for n in ("W", "mu", "sigma"))
+    A, c, s = (pyro.param(n).detach().numpy() for n in ("A", "c", "s"))
+    z, x = z.detach().numpy(), x.numpy()
+    log_prior = scipy.stats.norm.logpdf(z).sum(-1)
+    log_lik = scipy.stats.norm.logpdf(x, z @ W.T + mu, sigma).sum(-1)
+    log_q = scipy.stats.norm.logpdf(z, x @ A.T + c, s * math.sqrt(factor)).sum(-1)
+    return torch.as_tensor(log_prior + log_lik), torch.as_tensor(log_q)
+
+
+def test_e_step_weights_the_k_inflated_particles_and_averages_the_l_uninflated_ones():
+    m = PPCA(D=3, d=2)
+    x = torch.randn(6, 3, dtype=F64)
+    K, L, alpha = 4, 3, 0.4
+    iwem = IWEM(m.model, m.guide, K=K, L=L, proposal_inflation=C)
+    particles, loss = iwem._e_step(alpha, (x,), {})
+    z = particles.guide_trace.nodes["z"]["value"]
+    log_p, log_q = zip(*(ppca_by_hand(x, z[n], C if n < K else 1.0) for n in range(K + L)))
+    log_p, log_q = torch.stack(log_p), torch.stack(log_q)
+    torch.testing.assert_close(particles.log_p.detach(), log_p)
+    torch.testing.assert_close(particles.log_q, log_q)
+    weights = torch.softmax(log_p[:K] - log_q[:K], 0)
+    q_hat = (weights * log_p[:K]).sum(0)
+    expected = -(alpha * q_hat + (1 - alpha) * log_p[K:].mean(0)).sum()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_e_step_draws_k_from_the_widened_and_l_from_the_guide_in_one_pass():
+    m = PPCA(D=3, d=1)
+    x = torch.randn(1, 3, dtype=F64).expand(5000, 3)
+    iwem = IWEM(m.model, m.guide, K=2, L=2, proposal_inflation=C)
+    particles, _ = iwem._e_step(0.5, (x,), {})
+    loc = x @ pyro.param("A").detach().T + pyro.param("c").detach()
+    residual = (particles.guide_trace.nodes["z"]["value"] - loc) / pyro.param("s").detach()
+    assert abs(residual[:2].std().item() - math.sqrt(C)) < 0.03 and abs(residual[2:].std().item() - 1) < 0.03
+    # α = 1: no ELBO samples, the K only
+    assert iwem._e_step(1.0, (x,), {})[0].num_particles == 2
+
+
+@pytest.mark.parametrize("p_step_inflation, offset", [(None, 0.0), (1.0, 0.0), (None, 3.0 * math.log(2 * math.pi))])
+def test_step_inflates_both_steps_and_the_p_step_loss_is_eq_7_with_the_offset(p_step_inflation, offset):
+    """One step: the E-step draws K widened and L plain particles, the P-step J particles with
+    ``p_step_inflation`` (default: the E-step's factor); its loss, by hand on its own draws, is
+    -Σ_i [logsumexp_j(log|log p_ij + c| + log p_ij - log q_c,ij) - log J]."""
+    m = PPCA(D=3, d=2)
+    x = torch.randn(6, 3, dtype=F64)
+    K, L, J = 4, 2, 5
+    iwem = IWEM(m.model, m.guide, K=K, L=L, J=J, proposal_inflation=C, p_step_inflation=p_step_inflation,
+                log_p_offset=offset, optim=pyro.optim.SGD({"lr": 0.0}))
+    iwem.sampler = spy = Spy(iwem.sampler)
+    iwem.step(x)
+    (e_inflation, _), (p_inflation, p_particles) = spy.calls
+    assert e_inflation == [C] * K + [1.0] * L  # α = 0 at the first step: L ELBO samples
+    factor = C if p_step_inflation is None else p_step_inflation
+    assert p_inflation == factor
+    z = p_particles.guide_trace.nodes["z"]["value"]
+    log_p, log_q = map(torch.stack, zip(*(ppca_by_hand(x, z[j], factor) for j in range(J))))
+    expected = -((log_p + offset).abs().log() + log_p - log_q).logsumexp(0).sub(math.log(J)).sum()
+    assert iwem.p_loss == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_offset_shifts_log_p_inside_the_absolute_value_on_the_same_draws():
+    m = PPCA(D=3, d=2)
+    x = torch.randn(6, 3, dtype=F64)
+    particles = ParticleSampler(m.model, m.guide)(7, (x,), {}, inflation=C)
+    offset = 2.5
+    by_hand = ((particles.log_p + offset).abs().log() + particles.log_w).logsumexp(0) - math.log(7)
+    torch.testing.assert_close(optimal_proposal_objective(particles, offset), by_hand)
+    plain = optimal_proposal_objective(particles)
+    torch.testing.assert_close(plain, (particles.log_p.abs().log() + particles.log_w).logsumexp(0) - math.log(7))
+    assert not torch.allclose(plain, by_hand)
+    # the loss draws its own particles: replay its random numbers
+    loss = OptimalProposalLoss(7, log_p_offset=offset)
+    pyro.set_rng_seed(5)
+    value = loss.loss(m.model, m.guide, x)
+    pyro.set_rng_seed(5)
+    particles = loss.sampler(m.model, m.guide)(7, (x,), {}, grad_guide=False)
+    by_hand = ((particles.log_p + offset).abs().log() + particles.log_w).logsumexp(0) - math.log(7)
+    assert value == pytest.approx(-by_hand.sum().item(), rel=1e-12)
+
+
+def test_bad_options_are_refused_with_the_argument_named():
+    m = PPCA()
+    for name in ("proposal_inflation", "p_step_inflation"):
+        for value in (0, -1.0, math.inf, "1.5"):
+            with pytest.raises(ValueError, match=name):
+                IWEM(m.model, m.guide, **{name: value})
+    with pytest.raises(ValueError, match=r"p_step_inflation \(1.0\) must equal proposal_inflation \(1.5\)"):
+        IWEM(m.model, m.guide, one_pass=True, proposal_inflation=C, p_step_inflation=1.0)
+    with pytest.raises(ValueError, match="log_p_offset.*'iwae' has no"):
+        IWEM(m.model, m.guide, proposal="iwae", log_p_offset=1.0)
+    with pytest.raises(ValueError, match="log_p_offset"):
+        proposal_loss("iwae", 5, log_p_offset=1.0)
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_a_refused_inflated_step_moves_no_parameter(one_pass):
+    m = PPCA(D=3, d=2)
+    x = torch.randn(6, 3, dtype=F64)
+    iwem = IWEM(m.model, m.guide, K=3, J=3, proposal_inflation=C, one_pass=one_pass)
+    iwem.step(x)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ModelError, match="NaN"):
+        iwem.step(bad)
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k]), k
+    # a guide the inflation cannot widen: refused at the E-step, before θ moves
+    pyro.clear_param_store()
+    counts = torch.tensor([1.0, 2.0, 0.0])
+    iwem = IWEM(unsupported_model, unsupported_guide, K=3, J=3, proposal_inflation=C, one_pass=one_pass)
+    unsupported_guide(counts)
+    before = pyro.param("a").detach().clone()
+    with pytest.raises(ModelError, match="guide site 'rate'"):
+        iwem.step(counts)
+    assert torch.equal(pyro.param("a").detach(), before)
+
+
+def test_one_pass_step_inflates_its_k_particles():
+    m = PPCA(D=3, d=2)
+    x = torch.randn(6, 3, dtype=F64)
+    iwem = IWEM(m.model, m.guide, K=4, one_pass=True, proposal_inflation=C, optim=pyro.optim.SGD({"lr": 0.0}))
+    iwem.sampler = spy = Spy(iwem.sampler)
+    iwem.step(x)
+    ((inflation, particles),) = spy.calls
+    assert inflation == C
+    z = particles.guide_trace.nodes["z"]["value"]
+    log_q = torch.stack([ppca_by_hand(x, z[k], C)[1] for k in range(4)])
+    torch.testing.assert_close(particles.log_q.detach(), log_q)
