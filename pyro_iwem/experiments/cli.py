@@ -94,8 +94,8 @@ FORWARDED_OPTIONS = (
                            "bounds of --valid-K and --eval-K samples) with the proposal's variance multiplied by C, "
                            "for every method (default 1; official 1.5)"}),
     ("--log-p-offset", {"type": finite_float, "metavar": "C", "help": "IWEM's optimal P-step fits the proposal to "
-                        "|log p + C| p (default 0, eq. 7; official: (latent dims / 2) log 2π = 36.76 for a 40-d "
-                        "latent, the Gaussian normalising constants the authors' |log p| leaves out)"}),
+                        "abs(log p + C) p (default 0, eq. 7; official: (latent dims / 2) log 2π = 36.76 for a 40-d "
+                        "latent, the Gaussian normalising constants the authors' abs(log p) leaves out)"}),
     ("--encoder-scale", {"type": one_of(("softplus", "exp"), "encoder scale"), "help": "the encoder scale of the "
                          f"MLP models ({', '.join(MLP_MODELS)}): softplus, softplus(.) + 1e-4 (default); exp, "
                          "exp(logvar / 2) of a linear logvar, unclamped (official). The CNN's is exp(logvar / 2) "
