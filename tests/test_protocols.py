@@ -53,7 +53,7 @@ def test_paper_protocol_is_the_default(tmp_path):
 
 
 def test_official_protocol_reaches_the_method_and_the_model(tmp_path):
-    trainer = prepared(tmp_path, "--protocol", "official")
+    trainer = prepared(tmp_path, "--protocol", "official", "--K", "50")
     assert settings(trainer.config) == {
         "protocol": "official", "lr": 3e-4, "valid_K": 50, "score_inflation": 1.5, "proposal_inflation": 1.5,
         "p_step_inflation": 1.5, "log_p_offset": pytest.approx(OFFICIAL_40D_OFFSET), "encoder_scale": "exp",
@@ -76,8 +76,8 @@ def test_official_protocol_reaches_the_method_and_the_model(tmp_path):
 @pytest.mark.parametrize(
     "method, model, expected",
     [
-        # the authors' IWEM-woo: E-step inflated, its IWAE P-step not, no |log p|
-        ("iwem-woo", "mlp", {"proposal_inflation": 1.5, "p_step_inflation": 1.0, "log_p_offset": 0.0}),
+        # the authors' IWEM-woo: E-step inflated, its IWAE P-step not, no |log p|; validation with the K
+        ("iwem-woo", "mlp", {"proposal_inflation": 1.5, "p_step_inflation": 1.0, "log_p_offset": 0.0, "valid_K": 3}),
         # IWAE trains with the plain proposal and is scored with the inflated one
         ("iwae", "mlp", {"proposal_inflation": 1.0, "p_step_inflation": 1.0, "log_p_offset": 0.0, "score_inflation": 1.5}),
         # the two-layer MLP: both Gaussian layers' constants, (100 + 50) / 2 log 2π

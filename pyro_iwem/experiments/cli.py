@@ -81,7 +81,7 @@ def _default(key):
 #: ``train`` options that ``sweep`` passes on to every run unchanged: ``(flag, argparse kwargs)``.
 FORWARDED_OPTIONS = (
     ("--protocol", {"type": one_of(PROTOCOLS, "protocol"), "help": "the settings the options below default to: "
-                    "paper (default), the paper's (§5); official, the authors' code's: --lr 3e-4, --valid-K 50, "
+                    "paper (default), the paper's (§5); official, the authors' code's: --lr 3e-4, --valid-K the training K, "
                     "--score-inflation 1.5, and for the IWEM methods --proposal-inflation 1.5, --p-step-inflation "
                     "1.5 (1 for iwem-woo), --log-p-offset (latent dims / 2) log 2π; for the MLP models "
                     "--encoder-scale exp. Options given explicitly override it (docs/protocols.md)"}),
@@ -107,7 +107,8 @@ FORWARDED_OPTIONS = (
                                 f"(default {_default('anneal_increment')}, the paper's)"}),
     ("--patience", {"type": positive_int, "help": "stop after this many epochs without a validation gain, "
                         f"not counting epochs with α < 1 (default {_default('patience')})"}),
-    ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')})"}),
+    ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')}; "
+                   "official: --K)"}),
     ("--eval-K", {"type": positive_int, "help": f"samples of the test IWAE bound (default {_default('eval_K')})"}),
     ("--eval-batch-size", {"type": positive_int, "help": f"batch size of validation and test (default {_default('eval_batch_size')})"}),
     ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),

@@ -109,7 +109,7 @@ def protocol_defaults(protocol, method, model):
 
     ``"paper"`` is :data:`TRAIN_DEFAULTS`. ``"official"`` is the authors' code (MLE_Analysis.py,
     Models_Calculate.py, Models_MLP.py): Adam with lr 3e-4; validation by the IWAE bound with
-    K = 50; validation and test scored with the proposal's variance × 1.5, for every method;
+    the training K (``valid_K`` left ``None``: 50 at the default K); validation and test scored with the proposal's variance × 1.5, for every method;
     for the IWEM methods, the E-step's importance samples and the P-step's samples drawn
     with variance × 1.5 too (but IWEM-woo's IWAE P-step un-inflated, as there); the MLP
     encoders' scale ``exp(logvar / 2)``, unclamped. The optimal P-step's offset depends on
@@ -119,7 +119,7 @@ def protocol_defaults(protocol, method, model):
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     defaults = dict(TRAIN_DEFAULTS, protocol=protocol)
     if protocol == "official":
-        defaults.update(lr=3e-4, valid_K=50, score_inflation=1.5)
+        defaults.update(lr=3e-4, valid_K=None, score_inflation=1.5)
         if method in IWEM_METHODS:
             defaults.update(proposal_inflation=1.5, p_step_inflation=1.0 if method == "iwem-woo" else None)
         if model in MLP_MODELS:

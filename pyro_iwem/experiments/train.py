@@ -149,6 +149,8 @@ class Trainer:
         for key, default in defaults.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, saved.get(key, default))
+        if args.valid_K is None:  # the official code validates with the training K (its num_sam)
+            args.valid_K = args.K
         if args.p_step_inflation is None:  # an IWEM method's P-step draws as its E-step does
             args.p_step_inflation = args.proposal_inflation if args.method in IWEM_METHODS else 1.0
         if args.dataset is None:
