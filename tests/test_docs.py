@@ -46,7 +46,7 @@ def page(site, name):
 
 
 def test_the_pages_exist(site):
-    for name in ("index.html", "iwem.html", "guide.html", "reproducing.html", "results.html",
+    for name in ("index.html", "iwem.html", "guide.html", "reproducing.html", "protocols.html", "results.html",
                  "benchmarks.html", "cli.html", "api/index.html", "api/iwem.html", "api/losses.html",
                  "api/particles.html", "api/missing.html", "api/models.html", "api/data.html"):
         page(site, name)

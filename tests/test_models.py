@@ -9,6 +9,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from pyro_iwem.infer import ProposalInflation
 from pyro_iwem.models import MLPVAE, MLPVAE2, MODELS, ConvVAE, ConvVAELight, TabularVAE, build_model
 from pyro_iwem.models.layers import ClampedLogVarHead, Gated, GaussianHead
 
@@ -150,13 +151,45 @@ def test_mlp_bernoulli_log_likelihood_by_hand(particles):
     assert torch.allclose(model_tr.nodes["z"]["log_prob"], prior, rtol=1e-5, atol=1e-4)
 
 
-def test_guide_log_density_and_proposal_scale():
-    vae = MLPVAE(proposal_scale=math.sqrt(1.5))
+def test_gaussian_head_exp_link_is_an_unclamped_log_variance():
+    # the official code's MLP encoder: scale = exp(logvar / 2), logvar a linear layer, no floor
+    head = GaussianHead(2, 3, min_scale=1e-4, link="exp")
+    with torch.no_grad():
+        head.scale.weight.zero_()
+        head.scale.bias.copy_(torch.tensor([-100.0, 0.0, 3.0]))
+    _, scale = head(torch.randn(4, 2))
+    expected = torch.tensor([math.exp(-50.0), 1.0, math.exp(1.5)])
+    assert torch.allclose(scale, expected.expand(4, 3), rtol=1e-6, atol=0)
+    assert scale[0, 0] < 1e-20  # below min_scale: no floor
+    with pytest.raises(ValueError, match="link must be one of softplus, exp, got 'relu'"):
+        GaussianHead(2, 3, link="relu")
+
+
+@pytest.mark.parametrize("cls", [MLPVAE, MLPVAE2])
+def test_encoder_scale_option_reaches_every_encoder_head(cls):
+    for link in ("softplus", "exp"):
+        vae = cls(encoder_scale=link)
+        heads = [m for m in vae.encoder.modules() if isinstance(m, GaussianHead)]
+        assert heads and all(h.link == link for h in heads)
+    # the model's own Gaussian layer (MLPVAE2's p(z1 | z2)) keeps the softplus
+    decoder_heads = [m for m in cls(encoder_scale="exp").decoder.modules() if isinstance(m, GaussianHead)]
+    assert all(h.link == "softplus" for h in decoder_heads)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_guide_log_density_with_inflation(factor):
+    vae = MLPVAE()
     x = make_data(vae)
-    guide_tr, _ = traces(vae, x, particles=N)
+
+    def guide():
+        with ProposalInflation(factor), pyro.plate("particles", N, dim=-2):
+            vae.guide(x)
+
+    guide_tr = poutine.trace(guide).get_trace()
+    guide_tr.compute_log_prob()
     z = guide_tr.nodes["z"]["value"]
     loc, scale = vae.encoder(x)
-    scale = scale * math.sqrt(1.5)
+    scale = scale * math.sqrt(factor)
     expected = scipy.stats.norm.logpdf(z.detach().numpy(), loc.detach().numpy(), scale.detach().numpy()).sum(-1)
     assert torch.allclose(guide_tr.nodes["z"]["log_prob"], torch.as_tensor(expected, dtype=torch.float32), atol=1e-3)
     assert z.requires_grad  # reparameterised
@@ -449,7 +482,7 @@ def test_paper_cnn_clamps_the_log_variance():
     # within the interval the head is exp(logvar / 2) of the linear output
     h = 1e-3 * torch.randn(5, 294)
     assert torch.allclose(head(h)[1], torch.exp(0.5 * head.logvar(h)))
-    # the guide's scale is the head's (times proposal_scale)
+    # the guide's scale is the head's
     binary = (x > 0).float()
     guide_tr, _ = traces(vae, binary, particles=2)
     assert torch.equal(guide_tr.nodes["z"]["fn"].base_dist.scale, vae.encode(binary)[1].expand(2, 8, 40))

@@ -6,6 +6,7 @@ exit status 2.
 """
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -16,7 +17,7 @@ from pyro_iwem.infer import METHODS
 from .errors import RunError
 from .figures import DEFAULT_NUM_DATA, DEFAULT_REPEATS
 from .impute import IMPUTE_DEFAULTS, IMPUTE_METHODS, TABLE_DATASETS
-from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MODELS, TRAIN_DEFAULTS
+from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MLP_MODELS, MODELS, PROTOCOLS, TRAIN_DEFAULTS
 
 PROG = "pyro-iwem"
 
@@ -48,6 +49,7 @@ positive_int = _number(int, "a positive integer", 1)
 nonneg_int = _number(int, "a non-negative integer", 0)
 positive_float = _number(float, "a positive finite number", 0.0, strict=True)
 nonneg_float = _number(float, "a non-negative finite number", 0.0)
+finite_float = _number(float, "a finite number", -math.inf, strict=True)
 
 
 def list_of(item_type):
@@ -79,6 +81,26 @@ def _default(key):
 
 #: ``train`` options that ``sweep`` passes on to every run unchanged: ``(flag, argparse kwargs)``.
 FORWARDED_OPTIONS = (
+    ("--protocol", {"type": one_of(PROTOCOLS, "protocol"), "help": "the settings the options below default to: "
+                    "paper (default), the paper's (§5); official, the authors' code's: --lr 3e-4, --valid-K the training K, "
+                    "--score-inflation 1.5, and for the IWEM methods --proposal-inflation 1.5, --p-step-inflation "
+                    "1.5 (1 for iwem-woo), --log-p-offset (latent dims / 2) log 2π; for the MLP models "
+                    "--encoder-scale exp. Options given explicitly override it (docs/protocols.md)"}),
+    ("--proposal-inflation", {"type": positive_float, "metavar": "C", "help": "IWEM methods: draw the E-step's K "
+                              "importance samples from the guide with its variance multiplied by C (not the L "
+                              "samples of the annealing term) (default 1; official 1.5)"}),
+    ("--p-step-inflation", {"type": positive_float, "metavar": "C", "help": "IWEM methods: the same for the P-step's "
+                            "J samples (default: --proposal-inflation; official: 1.5, and 1 for iwem-woo)"}),
+    ("--score-inflation", {"type": positive_float, "metavar": "C", "help": "score validation and test (the IWAE "
+                           "bounds of --valid-K and --eval-K samples) with the proposal's variance multiplied by C, "
+                           "for every method (default 1; official 1.5)"}),
+    ("--log-p-offset", {"type": finite_float, "metavar": "C", "help": "IWEM's optimal P-step fits the proposal to "
+                        "abs(log p + C) p (default 0, eq. 7; official: (latent dims / 2) log 2π = 36.76 for a 40-d "
+                        "latent, the Gaussian normalising constants the authors' abs(log p) leaves out)"}),
+    ("--encoder-scale", {"type": one_of(("softplus", "exp"), "encoder scale"), "help": "the encoder scale of the "
+                         f"MLP models ({', '.join(MLP_MODELS)}): softplus, softplus(.) + 1e-4 (default); exp, "
+                         "exp(logvar / 2) of a linear logvar, unclamped (official). The CNN's is exp(logvar / 2) "
+                         "with logvar clamped to [-6, 2] in both protocols"}),
     ("--epochs", {"type": positive_int, "help": f"maximum number of epochs (default {_default('epochs')})"}),
     ("--batch-size", {"type": positive_int, "help": f"training batch size (default {_default('batch_size')})"}),
     ("--lr", {"type": positive_float, "help": f"Adam learning rate (default {_default('lr')})"}),
@@ -86,7 +108,8 @@ FORWARDED_OPTIONS = (
                                 f"(default {_default('anneal_increment')}, the paper's)"}),
     ("--patience", {"type": positive_int, "help": "stop after this many epochs without a validation gain, "
                         f"not counting epochs with α < 1 (default {_default('patience')})"}),
-    ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')})"}),
+    ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')}; "
+                   "official: --K)"}),
     ("--eval-K", {"type": positive_int, "help": f"samples of the test IWAE bound (default {_default('eval_K')})"}),
     ("--eval-batch-size", {"type": positive_int, "help": f"batch size of validation and test (default {_default('eval_batch_size')})"}),
     ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),
@@ -126,10 +149,11 @@ def add_train_parser(subparsers):
         "train",
         help="train one model with one method, then evaluate it",
         description="Train a model on a binary image data set with one inference method "
-        "(the paper's protocol, §5: Adam, batch 100, α +0.01 per epoch, early stopping), "
-        "checkpointing every epoch; then the test log-likelihood (IWAE bound, --eval-K "
-        "samples) of the best-validation parameters, metrics.json, samples.png and curve.png "
-        "in --out. Omitted options take the checkpoint's values with --resume.",
+        "(the paper's protocol, §5: Adam, batch 100, α +0.01 per epoch, early stopping; or, with "
+        "--protocol official, the authors' code's), checkpointing every epoch; then the test "
+        "log-likelihood (IWAE bound, --eval-K samples) of the best-validation parameters, "
+        "metrics.json, samples.png and curve.png in --out. Omitted options take the checkpoint's "
+        "values with --resume.",
     )
     p.add_argument("--dataset", type=one_of(DATASETS, "dataset"), help=f"one of {', '.join(DATASETS)} (required)")
     p.add_argument("--model", type=one_of(MODELS, "model"), help=f"one of {', '.join(MODELS)} (default mlp)")
@@ -171,6 +195,10 @@ def add_evaluate_parser(subparsers):
                    "in RUN_DIR every 500 steps: an interrupted one resumes, a finished one is reused")
     p.add_argument("--refit-K", type=positive_int, default=50, help="particles of the refit's IWAE loss (default 50)")
     p.add_argument("--refit-lr", type=positive_float, help="Adam learning rate of the refit (default: the run's)")
+    p.add_argument("--score-inflation", type=positive_float, metavar="C",
+                   help="draw the bound's samples from the proposal with its variance multiplied by C (default: "
+                   "the run's --score-inflation, 1 for the paper's protocol, 1.5 for the official one); a C other "
+                   "than 1 is recorded under its own key, test_ll_inflated<C>_K<K>, beside the plain test_ll_K<K>")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -372,9 +400,11 @@ def cmd_evaluate(args):
     result = evaluate_run(
         args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads, args.all_test,
         refit_steps=args.refit_encoder, refit_K=args.refit_K, refit_lr=args.refit_lr, progress=True,
+        inflation=args.score_inflation,
     )
-    where = "recorded in metrics.json" if result.metrics is not None else "no metrics.json to record it in"
-    print(f"{args.run_dir}: test LL {result.test_ll:.3f} nats (K={args.K}, {result.seconds:.1f} s; {where})", flush=True)
+    where = f"recorded in metrics.json as {result.key}" if result.metrics is not None else "no metrics.json to record it in"
+    scored = f", proposal variance x {result.inflation:g}" if result.inflation != 1 else ""
+    print(f"{args.run_dir}: test LL {result.test_ll:.3f} nats (K={args.K}{scored}, {result.seconds:.1f} s; {where})", flush=True)
     if result.refit is not None:
         r = result.refit
         print(

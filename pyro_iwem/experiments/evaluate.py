@@ -33,25 +33,41 @@ from .errors import RunError
 from .setup import PLATES, load_data, make_model, resolve_device
 
 
-def mean_log_likelihood(model, data, split, num_particles, batch_size=100, device=None, chunk_size=500):
+def mean_log_likelihood(model, data, split, num_particles, batch_size=100, device=None, chunk_size=500, inflation=1.0):
     """Mean over a split of the per-datum IWAE bound with ``num_particles`` samples
-    (:func:`~pyro_iwem.infer.iwae_bound`, log-mean-exp in float64); a float in nats."""
+    (:func:`~pyro_iwem.infer.iwae_bound`, log-mean-exp in float64), drawn from the guide with
+    its variance multiplied by ``inflation`` (1: the guide itself); a float in nats."""
     sampler = ParticleSampler(model.model, model.guide, **PLATES)
     total, count = 0.0, 0
     for x in data.batches(split, batch_size, device=device):
         bound = iwae_bound(
-            model.model, model.guide, x, num_particles=num_particles, chunk_size=chunk_size, sampler=sampler
+            model.model, model.guide, x, num_particles=num_particles, chunk_size=chunk_size, sampler=sampler,
+            inflation=inflation,
         )
         total += bound.sum().item()
         count += len(x)
     return total / count
 
 
-def test_log_likelihood(model, data, num_particles, seed, batch_size=100, device=None):
+def test_log_likelihood(model, data, num_particles, seed, batch_size=100, device=None, inflation=1.0):
     """The test log-likelihood: :func:`mean_log_likelihood` of the test split with the
     global RNG seeded from ``seed`` first, so the same parameters give the same number."""
     pyro.set_rng_seed(seed)
-    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device)
+    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device, inflation=inflation)
+
+
+def score_key(K, inflation=1.0, all_test=False, refit_steps=None):
+    """The ``metrics.json`` key of a test score: ``test_ll_K<K>``, with ``all_`` for the whole
+    test split, ``refit<steps>_`` for a refitted encoder and ``inflated<c>_`` for a proposal
+    with its variance multiplied by c ≠ 1 (e.g. ``test_ll_all_inflated1.5_K5000``), so that the
+    scores of one run made different ways are recorded side by side."""
+    return (
+        "test_ll_"
+        + ("all_" if all_test else "")
+        + (f"refit{refit_steps}_" if refit_steps is not None else "")
+        + (f"inflated{inflation:g}_" if inflation != 1 else "")
+        + f"K{K}"
+    )
 
 
 def load_best(run_dir, device="cpu"):
@@ -278,6 +294,9 @@ class Evaluation(NamedTuple):
     seconds: float
     refit_ll: Optional[float] = None
     refit: Optional[dict] = None
+    #: the plain score's key in ``metrics.json`` (:func:`score_key`) and the inflation it was scored with
+    key: str = ""
+    inflation: float = 1.0
 
 
 def evaluate_run(
@@ -293,11 +312,16 @@ def evaluate_run(
     refit_K=50,
     refit_lr=None,
     progress=False,
+    inflation=None,
 ):
     """Recompute the test log-likelihood of a run's best parameters with K samples.
 
     Writes ``test_ll_K{K}`` (``test_ll_all_K{K}`` with ``all_test``: the whole test split,
     whatever ``--max-eval`` the run used) into the run's ``metrics.json`` (when it exists).
+
+    ``inflation`` scores with the proposal's variance multiplied by that factor (default: the
+    run's own ``score_inflation``, 1 for runs made before it existed); a factor other than 1 is
+    recorded under its own key, ``test_ll_inflated{c}_K{K}`` (:func:`score_key`), beside the plain score.
 
     With ``refit_steps``, also the score with a refitted encoder (:func:`refit_encoder`:
     ``refit_steps`` IWAE steps with ``refit_K`` particles, learning rate ``refit_lr`` (default
@@ -316,12 +340,12 @@ def evaluate_run(
     config, data, model = load_run(run_dir, device, data_root, all_test)
     batch_size = config["eval_batch_size"] if batch_size is None else batch_size
     seed = config["seed"] if seed is None else seed
+    inflation = config.get("score_inflation", 1.0) if inflation is None else inflation
     start = time.perf_counter()
     with torch.no_grad():
-        test_ll = test_log_likelihood(model, data, K, seed, batch_size, device)
+        test_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation)
     seconds = time.perf_counter() - start
-    prefix = "all_" if all_test else ""
-    results = {f"test_ll_{prefix}K{K}": test_ll}
+    results = {score_key(K, inflation, all_test): test_ll}
 
     refit_ll = refit = None
     if refit_steps is not None:
@@ -348,8 +372,8 @@ def evaluate_run(
             )
         eval_start = time.perf_counter()
         with torch.no_grad():
-            refit_ll = test_log_likelihood(model, data, K, seed, batch_size, device)
-        key = f"test_ll_{prefix}refit{refit_steps}_K{K}"
+            refit_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation)
+        key = score_key(K, inflation, all_test, refit_steps)
         results[key] = refit_ll
         refit = {
             "key": key,
@@ -370,7 +394,7 @@ def evaluate_run(
         if refit is not None:
             metrics.setdefault("refit", {})[refit["key"]] = {k: v for k, v in refit.items() if k != "key"}
         atomic_write_json(metrics, metrics_path)
-    return Evaluation(test_ll, metrics, seconds, refit_ll, refit)
+    return Evaluation(test_ll, metrics, seconds, refit_ll, refit, score_key(K, inflation, all_test), inflation)
 
 
 def completions(model, data, method, n_removed, seed, n_images=8, num_particles=1000, device=None):

@@ -1,5 +1,6 @@
 """What a run is made of: its configuration, data, model and inference method."""
 
+import math
 import os
 
 import pyro.optim
@@ -8,7 +9,9 @@ import torch
 from pyro_iwem.data import load_images, resolve_data_root
 from pyro_iwem.data.files import DATA_ENV_VAR
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, build_method
+from pyro_iwem.infer.methods import IWEM_METHODS
 from pyro_iwem.models import build_model
+from pyro_iwem.models.layers import SCALE_LINKS
 
 from .errors import RunError
 
@@ -22,6 +25,12 @@ MISSING_METHOD_ORDER = ("miss-iwae", "miss-iwem-woa", "miss-iwem")
 ALL_METHOD_ORDER = METHOD_ORDER + MISSING_METHOD_ORDER
 #: Methods that use J (the others draw only K particles).
 USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa", "miss-iwem", "miss-iwem-woa")
+#: Methods with IWEM's optimal P-step (eq. 7), whose |log p| ``--log-p-offset`` shifts.
+OPTIMAL_P_STEP = tuple(m for m in IWEM_METHODS if m != "iwem-woo")
+#: Models whose encoder scale ``--encoder-scale`` chooses (:data:`~pyro_iwem.models.layers.SCALE_LINKS`).
+MLP_MODELS = ("mlp", "mlp2")
+#: The protocols of ``train --protocol`` (docs/protocols.md): the paper's, and the authors' code's.
+PROTOCOLS = ("paper", "official")
 
 #: Settings that define a run: a resumed run must have the same values.
 CONFIG_KEYS = (
@@ -40,7 +49,24 @@ CONFIG_KEYS = (
     "missing_patches",
     "valid_K",
     "eval_batch_size",
+    "protocol",
+    "proposal_inflation",
+    "p_step_inflation",
+    "score_inflation",
+    "log_p_offset",
+    "encoder_scale",
 )
+
+#: What the keys that came with ``--protocol`` meant for the runs made before them (the paper's
+#: protocol): a checkpoint without them resumes, and is evaluated, with these.
+LEGACY_CONFIG = {
+    "protocol": "paper",
+    "proposal_inflation": 1.0,
+    "p_step_inflation": 1.0,
+    "score_inflation": 1.0,
+    "log_p_offset": 0.0,
+    "encoder_scale": None,
+}
 
 #: Defaults of the ``train`` options (the paper's protocol, §5). The parser's defaults are
 #: ``None`` so that ``--resume`` can tell given options from omitted ones: omitted options
@@ -69,7 +95,48 @@ TRAIN_DEFAULTS = {
     "data_root": None,
     "record_variance": 0,
     "variance_repeats": 100,
+    "protocol": "paper",
+    "proposal_inflation": 1.0,
+    "p_step_inflation": None,  # the same as proposal_inflation
+    "score_inflation": 1.0,
+    "log_p_offset": None,  # the protocol's: 0 for the paper, see protocol_log_p_offset
+    "encoder_scale": None,  # the model's own: softplus for the MLPs, the CNN's clamped log-variance
 }
+
+
+def protocol_defaults(protocol, method, model):
+    """:data:`TRAIN_DEFAULTS` with the settings ``protocol`` gives a run of ``method`` on ``model``.
+
+    ``"paper"`` is :data:`TRAIN_DEFAULTS`. ``"official"`` is the authors' code (MLE_Analysis.py,
+    Models_Calculate.py, Models_MLP.py): Adam with lr 3e-4; validation by the IWAE bound with
+    the training K (``valid_K`` left ``None``: 50 at the default K); validation and test scored with the proposal's variance × 1.5, for every method;
+    for the IWEM methods, the E-step's importance samples and the P-step's samples drawn
+    with variance × 1.5 too (but IWEM-woo's IWAE P-step un-inflated, as there); the MLP
+    encoders' scale ``exp(logvar / 2)``, unclamped. The optimal P-step's offset depends on
+    the model (:func:`protocol_log_p_offset`) and is left ``None`` here.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    defaults = dict(TRAIN_DEFAULTS, protocol=protocol)
+    if protocol == "official":
+        defaults.update(lr=3e-4, valid_K=None, score_inflation=1.5)
+        if method in IWEM_METHODS:
+            defaults.update(proposal_inflation=1.5, p_step_inflation=1.0 if method == "iwem-woo" else None)
+        if model in MLP_MODELS:
+            defaults["encoder_scale"] = "exp"
+    return defaults
+
+
+def protocol_log_p_offset(protocol, method, model):
+    r"""The constant :math:`c` of the optimal P-step's :math:`|\log p + c|` under ``protocol``
+    for ``method`` and a built ``model``: 0 for the paper (eq. 7); for the official code,
+    which computes :math:`\log p` without the Gaussian normalising constants, the ones it
+    leaves out, :math:`c = \frac{d}{2} \log 2\pi` with d = ``model.latent_size`` (36.76 for the
+    40-d latent of the MLP and CNN). Its other dropped constant, the Bernoulli's
+    :math:`\log(\mu + 10^{-5})` in place of :math:`\log \mu`, is not reproduced."""
+    if protocol == "official" and method in OPTIMAL_P_STEP:
+        return model.latent_size / 2 * math.log(2 * math.pi)
+    return 0.0
 
 # Our models have one plate over data points, named "data". Passing this explicitly spares
 # the samplers a guessing run of the guide, which would draw random numbers at the first
@@ -129,17 +196,26 @@ def load_data(config, root=None):
 
 
 def make_model(config, data, device):
-    """The config's model for ``data``, on ``device``."""
-    name = config["model"]
+    """The config's model for ``data`` (and ``encoder_scale``, for the MLPs), on ``device``."""
+    name, scale = config["model"], config.get("encoder_scale")
+    if scale is not None and name not in MLP_MODELS:
+        raise ValueError(
+            f"--encoder-scale is an option of the MLP models ({', '.join(MLP_MODELS)}), not of {name}, whose encoder "
+            "scale is its own (the CNN's exp(logvar / 2) with logvar clamped to [-6, 2])"
+        )
+    if scale is not None and scale not in SCALE_LINKS:
+        raise ValueError(f"--encoder-scale must be one of {', '.join(SCALE_LINKS)}, got {scale!r}")
     if name in ("cnn", "cnn-light"):
         model = build_model(name, image_shape=data.image_shape)
     else:
-        model = build_model(name, x_dim=data.num_pixels, train_mean=data.train_mean())
+        options = {} if scale is None else {"encoder_scale": scale}
+        model = build_model(name, x_dim=data.num_pixels, train_mean=data.train_mean(), **options)
     return model.to(device)
 
 
 def make_method(config, model, annealing=None):
-    """The config's inference method (keys ``method``, ``K``, ``J``, ``lr``), with Adam and
+    """The config's inference method (keys ``method``, ``K``, ``J``, ``lr`` and IWEM's
+    ``proposal_inflation``, ``p_step_inflation``, ``log_p_offset``), with Adam and
     ``annealing``, by default the paper's per-epoch schedule (+``anneal_increment`` per epoch)."""
     if annealing is None:
         annealing = Annealing(config.get("anneal_increment", 0.01), every=1, unit="epoch")
@@ -151,6 +227,9 @@ def make_method(config, model, annealing=None):
         J=config["J"],
         optim=pyro.optim.Adam({"lr": config["lr"]}),
         annealing=annealing,
+        proposal_inflation=config.get("proposal_inflation", 1.0),
+        p_step_inflation=config.get("p_step_inflation"),
+        log_p_offset=config.get("log_p_offset") or 0.0,
         **PLATES,
     )
 

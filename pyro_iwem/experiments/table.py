@@ -190,7 +190,8 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
 def _settings(metrics_list):
     """One line of the settings shared by all runs (or their ranges)."""
     items = []
-    for key in ("K", "J", "eval_K", "epochs", "n_train", "batch_size", "lr", "steps", "impute_K", "missing_rate"):
+    keys = ("K", "J", "eval_K", "epochs", "n_train", "batch_size", "lr", "steps", "impute_K", "missing_rate", "protocol", "score_inflation")
+    for key in keys:
         values = sorted({m[key] for m in metrics_list if m.get(key) is not None})
         if len(values) == 1:
             items.append(f"{key}={values[0]}")

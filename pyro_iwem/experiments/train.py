@@ -34,11 +34,13 @@ from .checkpoint import (
     torch_load,
 )
 from .errors import RunError, TrainingDiverged
-from .evaluate import completions, mean_log_likelihood, test_log_likelihood
+from .evaluate import completions, mean_log_likelihood, score_key, test_log_likelihood
 from .figures import subset_variances, summary, variance_metrics, variance_subset
 from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
     CONFIG_KEYS,
+    IWEM_METHODS,
+    LEGACY_CONFIG,
     MISSING_DATA_INPUTS,
     TRAIN_DEFAULTS,
     check_missing_data,
@@ -46,6 +48,8 @@ from .setup import (
     load_data,
     make_method,
     make_model,
+    protocol_defaults,
+    protocol_log_p_offset,
     resolve_device,
     run_config,
 )
@@ -129,10 +133,11 @@ class Trainer:
             raise RunError(f"{self.run_dir} holds an interrupted run ({CHECKPOINT}); pass --resume to continue it or --force to overwrite it")
 
     def _fill_options(self):
-        """Fill omitted options from the checkpoint (resuming) or the defaults; check that
-        the options defining the run agree with the checkpoint's."""
+        """Fill omitted options from the checkpoint (resuming) or the protocol's defaults; check
+        that the options defining the run agree with the checkpoint's (a checkpoint from before
+        ``--protocol`` reads as the paper's protocol, :data:`~.setup.LEGACY_CONFIG`)."""
         args = self.args
-        saved = self.checkpoint["args"] if self.checkpoint else {}
+        saved = {**LEGACY_CONFIG, **self.checkpoint["args"]} if self.checkpoint else {}
         if self.checkpoint:
             given = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
             clash = [f"{k} {v!r} (checkpoint: {saved.get(k)!r})" for k, v in given.items() if saved.get(k) != v]
@@ -141,9 +146,17 @@ class Trainer:
                     f"cannot resume {self.run_dir} with different settings: {', '.join(clash)}; "
                     "omit them or use --force to start over"
                 )
-        for key, default in TRAIN_DEFAULTS.items():
+        def chosen(key):
+            return getattr(args, key, None) or saved.get(key) or TRAIN_DEFAULTS[key]
+
+        defaults = protocol_defaults(chosen("protocol"), chosen("method"), chosen("model"))
+        for key, default in defaults.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, saved.get(key, default))
+        if args.valid_K is None:  # the official code validates with the training K (its num_sam)
+            args.valid_K = args.K
+        if args.p_step_inflation is None:  # an IWEM method's P-step draws as its E-step does
+            args.p_step_inflation = args.proposal_inflation if args.method in IWEM_METHODS else 1.0
         if args.dataset is None:
             raise RunError("the following arguments are required: --dataset")
         if args.epochs < 1:
@@ -169,6 +182,9 @@ class Trainer:
         pyro.set_rng_seed(args.seed)
         self.data = load_data(self.config, args.data_root)
         self.model = make_model(self.config, self.data, self.device)
+        if args.log_p_offset is None:  # the protocol's constant depends on the model's latent size
+            args.log_p_offset = protocol_log_p_offset(args.protocol, args.method, self.model)
+            self.config = run_config(args)
         self.method = make_method(self.config, self.model)
         self.variance_inputs = None
         if args.record_variance:  # the fixed subset of Figure 1
@@ -258,7 +274,8 @@ class Trainer:
         args = self.args
         with torch.no_grad():
             return mean_log_likelihood(
-                self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device
+                self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device,
+                inflation=args.score_inflation,
             )
 
     def record_variance(self):
@@ -372,7 +389,9 @@ class Trainer:
         if self.best_state is not None:  # None only if no validation score was finite
             self.model.load_state_dict(self.best_state)
         with torch.no_grad():
-            test_ll = test_log_likelihood(self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device)
+            test_ll = test_log_likelihood(
+                self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device, args.score_inflation
+            )
         eval_seconds = time.perf_counter() - eval_start
         pyro.set_rng_seed(args.seed)
         save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
@@ -390,7 +409,7 @@ class Trainer:
         metrics = {
             **self.config,
             "test_ll": test_ll,
-            f"test_ll_K{args.eval_K}": test_ll,
+            score_key(args.eval_K, args.score_inflation): test_ll,
             "best_valid_ll": self.best_valid,
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,
@@ -421,9 +440,12 @@ class Trainer:
 def summary_line(metrics, run_dir):
     """The one-line result of a run."""
     m = metrics
+    inflation = m.get("score_inflation", 1.0)
+    scored = f", proposal variance x {inflation:g}" if inflation != 1 else ""
+    protocol = f" ({m['protocol']} protocol)" if m.get("protocol", "paper") != "paper" else ""
     return (
-        f"{m['dataset']} {m['model']} {m['method']} K={m['K']} J={m['J']} seed={m['seed']}: "
-        f"test LL {m['test_ll']:.3f} nats (K={m['eval_K']}, {m['n_test']} images); "
+        f"{m['dataset']} {m['model']} {m['method']} K={m['K']} J={m['J']} seed={m['seed']}{protocol}: "
+        f"test LL {m['test_ll']:.3f} nats (K={m['eval_K']}{scored}, {m['n_test']} images); "
         f"best valid {m['best_valid_ll']:.3f} at epoch {m['best_epoch']}/{m['epochs']}; "
         f"{m['seconds_per_epoch']:.1f} s/epoch, wall {m['wall_seconds']:.0f} s -> {run_dir}"
     )

@@ -4,6 +4,7 @@ E-step's variance."""
 from .annealing import Annealing, NoAnnealing
 from .evaluation import iwae_bound
 from .imputation import Imputer
+from .inflation import ProposalInflation, inflate
 from .iwem import IWEM, IWAEasEM
 from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
@@ -35,6 +36,7 @@ __all__ = [
     "ParticleLoss",
     "ParticleSampler",
     "Particles",
+    "ProposalInflation",
     "STLLoss",
     "VAELoss",
     "VarianceEstimate",
@@ -42,6 +44,7 @@ __all__ = [
     "build_method",
     "effective_sample_size",
     "estimate_variance",
+    "inflate",
     "iwae_bound",
     "iwae_objective",
     "log_mean_exp",

@@ -1,5 +1,8 @@
 """Importance weighted EM (IWEM), Algorithm 2 of Kim, Hwang & Kim (AISTATS 2020)."""
 
+import math
+import numbers
+
 import pyro.optim
 import torch
 
@@ -16,6 +19,13 @@ class _PaperAnnealing:
 
 
 _PAPER_ANNEALING = _PaperAnnealing()
+
+
+def check_inflation(name, value):
+    """``value`` as a float variance factor: positive and finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number (a variance factor), got {value!r}")
+    return float(value)
 
 
 def gradient_step(loss, params, optim):
@@ -98,6 +108,29 @@ class IWEM:
         the same graph. It differs from Algorithm 2 in one respect: **the P-step runs at**
         :math:`\theta_t` **on the E-step's particles**, not at :math:`\theta_{t+1}` on J fresh
         ones (``J`` is unused). About the cost of an IWAE step; default ``False``.
+    :param float proposal_inflation: the variance factor :math:`c` of the proposal the E-step
+        draws its K importance samples from (default 1: the guide itself). With :math:`c \ne 1`
+        they come from :math:`q_c`, the guide with its covariance multiplied by :math:`c`
+        (:class:`~pyro_iwem.infer.ProposalInflation`), as in the official code
+        (:math:`c = 1.5`), and the annealed objective (8) becomes
+
+        .. math::
+            \hat Q_\alpha(\theta) = \alpha \sum_{k=1}^K \bar w_k \log p(x, z_k; \theta)
+                + (1 - \alpha) \frac1L \sum_{l=1}^L \log p(x, z_l; \theta),
+            \quad z_k \sim q_c,\ \bar w_k \propto \frac{p(x, z_k; \theta_t)}{q_c(z_k \mid x)},
+            \quad z_l \sim q :
+
+        the L ELBO samples are drawn from the un-inflated guide, in the same vectorised pass
+        (one variance factor per particle). The one-pass step inflates all its K particles,
+        the ones its ELBO term averages included.
+    :param float p_step_inflation: the variance factor of the P-step's J samples, which then
+        come from :math:`q_c` in eq. (7) (or (4)): the φ-gradient flows through the widened
+        reparameterised draws and :math:`\log q_c`. Default: ``proposal_inflation`` (the
+        official code inflates IWEM's P-step and leaves IWEM-woo's IWAE P-step un-inflated:
+        ``p_step_inflation=1``). The one-pass step has one draw: it must equal ``proposal_inflation``.
+    :param float log_p_offset: the constant :math:`c` of the optimal P-step's
+        :math:`|\log p + c|` (default 0, eq. 7; see :class:`OptimalProposalLoss`); only with
+        ``proposal="optimal"``.
 
     θ are the parameters :math:`\log p` depends on with the latents fixed, φ those the guide's
     distributions depend on, less θ; both are found from the graph
@@ -125,14 +158,27 @@ class IWEM:
         guide_inputs=None,
         vectorize_particles=True,
         one_pass=False,
+        proposal_inflation=1.0,
+        p_step_inflation=None,
+        log_p_offset=0.0,
     ):
         self.model = model
         self.one_pass = one_pass
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
+        self.proposal_inflation = check_inflation("proposal_inflation", proposal_inflation)
+        self.p_step_inflation = check_inflation(
+            "p_step_inflation", proposal_inflation if p_step_inflation is None else p_step_inflation
+        )
+        if one_pass and self.p_step_inflation != self.proposal_inflation:
+            raise ValueError(
+                f"IWEM(one_pass=True) draws one set of particles for both steps: p_step_inflation "
+                f"({self.p_step_inflation}) must equal proposal_inflation ({self.proposal_inflation})"
+            )
         self.proposal_loss = proposal_loss(
-            proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs, vectorize_particles
+            proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs, vectorize_particles,
+            log_p_offset,
         )
         self.sampler = self.proposal_loss.sampler(model, guide)
         if optim is None:
@@ -148,7 +194,8 @@ class IWEM:
         #: the last E-step's effective sample size, out of K (mean over the batch).
         self.ess = float("nan")
         #: the IWAE bound of the last E-step's K particles at θ_t (mean per datum): the number
-        #: to compare with other methods, unlike the loss.
+        #: to compare with other methods, unlike the loss (with ``proposal_inflation``, the
+        #: bound of the widened proposal the particles were drawn from).
         self.bound = float("nan")
         #: the last P-step's loss.
         self.p_loss = float("nan")
@@ -165,7 +212,10 @@ class IWEM:
 
     def _e_step(self, alpha, args, kwargs, guide_args=None):
         num_elbo = self.L if alpha < 1.0 else 0
-        particles = self.sampler(self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args)
+        inflation = [self.proposal_inflation] * self.K + [1.0] * num_elbo  # K widened snIS samples, L ELBO samples
+        particles = self.sampler(
+            self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args, inflation=inflation
+        )
         loss = -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
         return particles, loss
 
@@ -207,7 +257,8 @@ class IWEM:
 
     def _one_pass_step(self, args, kwargs, guide_args):
         particles = self.sampler(
-            self.K, args, kwargs, grad_guide=True, guide_args=guide_args, detach_model_proposals=True
+            self.K, args, kwargs, grad_guide=True, guide_args=guide_args, detach_model_proposals=True,
+            inflation=self.proposal_inflation,
         )
         groups = particles.param_groups()
         if groups.shared:
@@ -247,7 +298,10 @@ class IWEM:
             )
 
     def _p_step(self, theta, args, kwargs, guide_args, subsample):
-        particles = self.sampler(self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample)
+        particles = self.sampler(
+            self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
+            inflation=self.p_step_inflation,
+        )
         phi = particles.param_groups().phi - theta
         self._warn_if_empty(phi=phi)
         if not phi:

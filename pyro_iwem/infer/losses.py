@@ -21,6 +21,7 @@ guide's distribution parameters detached (the path through :math:`z_k(\phi)` kep
 :math:`\bar w_k` the normalised weights. All losses work with :class:`pyro.infer.SVI`.
 """
 
+import math
 
 import torch
 from pyro.infer import ELBO
@@ -292,21 +293,48 @@ class OptimalProposalLoss(ParticleLoss):
     along this loss would not be IWEM; use :class:`IWEM` for the whole algorithm.)
 
     :param int num_particles: J, the number of proposal samples per datum.
+    :param float log_p_offset: a constant :math:`c` added to :math:`\log p` inside the weight,
+        :math:`|\log p(x_i, z_{ij}; \theta) + c|` (default 0, eq. 7; the official code's
+        :math:`|\log p|` leaves out the normalising constants, see
+        :func:`~pyro_iwem.infer.optimal_proposal_objective`).
+
+    The other parameters are :class:`ParticleLoss`'s.
     """
 
     warns_model_proposed = False  # IWEM's P-step: model-proposed latents are the E-step's business
 
+    def __init__(
+        self,
+        num_particles=50,
+        max_plate_nesting=None,
+        data_plate=None,
+        guide_inputs=None,
+        vectorize_particles=True,
+        log_p_offset=0.0,
+    ):
+        super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)
+        if not math.isfinite(log_p_offset):
+            raise ValueError(f"log_p_offset must be a finite number, got {log_p_offset!r}")
+        self.log_p_offset = float(log_p_offset)
+
     def objectives(self, particles):
-        return None, optimal_proposal_objective(particles)
+        return None, optimal_proposal_objective(particles, self.log_p_offset)
 
 
 PROPOSAL_LOSSES = {"optimal": OptimalProposalLoss, "iwae": IWAELoss}
 
 
-def proposal_loss(name, num_particles, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True):
-    """The P-step loss called ``name``: "optimal" (eq. 7) or "iwae" (eq. 4)."""
+def proposal_loss(
+    name, num_particles, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True,
+    log_p_offset=0.0,
+):
+    """The P-step loss called ``name``: "optimal" (eq. 7, with ``log_p_offset``) or "iwae" (eq. 4)."""
     try:
         cls = PROPOSAL_LOSSES[name]
     except KeyError:
         raise ValueError(f"proposal must be one of {sorted(PROPOSAL_LOSSES)}, got {name!r}") from None
+    if cls is OptimalProposalLoss:
+        return cls(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles, log_p_offset)
+    if log_p_offset != 0:
+        raise ValueError(f"log_p_offset is a constant of the optimal P-step's |log p|; proposal={name!r} has no |log p|")
     return cls(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)

@@ -38,9 +38,11 @@ def _svi(loss_class, **options):
 
 
 def _iwem(annealed=True, **options):
-    def build(model, guide, K, J, L, optim, annealing, **plates):
+    def build(model, guide, K, J, L, optim, annealing, iwem_options=None, **plates):
         annealing = annealing if annealed else None
-        return IWEM(model, guide, K=K, J=J, L=L, optim=optim, annealing=annealing, **options, **plates)
+        return IWEM(
+            model, guide, K=K, J=J, L=L, optim=optim, annealing=annealing, **options, **(iwem_options or {}), **plates
+        )
 
     return build
 
@@ -48,6 +50,9 @@ def _iwem(annealed=True, **options):
 #: What the guide sees in the methods for data with missing entries (§4.1): missIWAE's
 #: zero-filled data, miss-IWEM's completion. The same inputs serve imputation afterwards.
 MISSING_DATA_INPUTS = {"miss-iwae": ZeroFilledInputs, "miss-iwem": ImputedInputs, "miss-iwem-woa": ImputedInputs}
+
+#: IWEM's options that only the IWEM methods take, with the values that mean "as the paper has it".
+IWEM_OPTIONS = {"proposal_inflation": (1.0,), "p_step_inflation": (None, 1.0), "log_p_offset": (0.0,)}
 
 METHODS = {
     "vae": _svi(VAELoss),
@@ -69,8 +74,14 @@ IWEM without annealing (woa), IWEM's one-pass step (E-, M- and P-step on one dra
 ``IWEM(one_pass=True)``); for data with missing entries, called as ``model(x, mask)``:
 missIWAE, miss-IWEM (Algorithm 3) and miss-IWEM without annealing."""
 
+#: The methods with IWEM's E-step (built as :class:`IWEM`): they take ``IWEM_OPTIONS``.
+IWEM_METHODS = ("iwem", "iwem-woo", "iwem-woa", "iwem-one-pass", "miss-iwem", "miss-iwem-woa")
 
-def build_method(name, model, guide, K=50, J=50, L=1, optim=None, annealing=None, **plates):
+
+def build_method(
+    name, model, guide, K=50, J=50, L=1, optim=None, annealing=None, proposal_inflation=1.0, p_step_inflation=None,
+    log_p_offset=0.0, **plates,
+):
     """The inference object for method ``name``; every one has ``step(*args) -> float``,
     ``alpha``, ``ess``, ``end_epoch()`` and ``state_dict()``.
 
@@ -78,10 +89,24 @@ def build_method(name, model, guide, K=50, J=50, L=1, optim=None, annealing=None
         or of the ELBO average (VAE).
     :param int J: P-step particles (IWEM variants; IWAE-as-EM uses K when ``J`` is ``None``).
     :param annealing: the IWEM controller (default ``Annealing()``); ignored by methods without one.
+    :param proposal_inflation: :class:`IWEM`'s option, for the IWEM methods only (``IWEM_METHODS``:
+        iwem, iwem-woo, iwem-woa, iwem-one-pass, miss-iwem, miss-iwem-woa); the other methods
+        refuse any value but the paper's (here and for the two options below).
+    :param p_step_inflation: :class:`IWEM`'s option, for the IWEM methods only.
+    :param log_p_offset: :class:`IWEM`'s option, for the IWEM methods with the optimal P-step.
     :param plates: ``max_plate_nesting`` and ``data_plate``, passed on.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     optim = pyro.optim.Adam({"lr": 5e-4}) if optim is None else optim
     annealing = Annealing() if annealing is None else annealing
+    options = {"proposal_inflation": proposal_inflation, "p_step_inflation": p_step_inflation, "log_p_offset": log_p_offset}
+    if name in IWEM_METHODS:
+        return METHODS[name](model, guide, K, J, L, optim, annealing, iwem_options=options, **plates)
+    given = [key for key, value in options.items() if value not in IWEM_OPTIONS[key]]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the IWEM methods "
+            f"({', '.join(IWEM_METHODS)}), not of {name}"
+        )
     return METHODS[name](model, guide, K, J, L, optim, annealing, **plates)

@@ -107,21 +107,24 @@ def elbo_objective(particles):
     return multi_sample(mean, particles.log_w, particles.log_score)
 
 
-def optimal_proposal_objective(particles):
+def optimal_proposal_objective(particles, log_p_offset=0.0):
     r"""The optimal P-step objective of eq. (7) (and eq. (10) with missing data).
 
     .. math::
         \hat L^{opt}(\phi) = \log \frac{1}{J} \sum_{j=1}^J
-            \frac{|\log p(x, z_j; \theta)| \, p(x, z_j; \theta)}{q(z_j \mid x; \phi)},
+            \frac{|\log p(x, z_j; \theta) + c| \, p(x, z_j; \theta)}{q(z_j \mid x; \phi)},
 
-    computed as :math:`\mathrm{logsumexp}_j(\log|\log p_j| + \log w_j) - \log J`. Here
+    computed as :math:`\mathrm{logsumexp}_j(\log|\log p_j + c| + \log w_j) - \log J`, with
+    :math:`c` = ``log_p_offset``: 0, the paper's eq. (7), or a constant that the official code
+    left out of :math:`\log p` (its :math:`|\log p|` drops the Gaussian normalising constants,
+    :math:`c = \frac d2 \log 2\pi` for a d-dimensional standard Normal prior). Here
     :math:`p / q` is the importance weight (model-proposed sites such as missing entries
     cancel, eq. 10) while :math:`|\log p|` is the full normalised joint, missing entries
     included. It has the log-mean-exp form of eq. (4) with :math:`p` replaced by
     :math:`|\log p|\,p`, so the same VIMCO estimator serves non-reparameterised sites;
     since :math:`|\log p|` depends on the model-proposed latents, their score terms count too.
     """
-    ell = particles.log_p.abs().log() + particles.log_w
+    ell = (particles.log_p + log_p_offset).abs().log() + particles.log_w
     return multi_sample(log_mean_exp, ell, _sum_optional(particles.log_score, particles.log_score_leaves))
 
 

@@ -21,6 +21,7 @@ What the sampler does with the sites of a Pyro model and guide:
 """
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import pyro
@@ -35,6 +36,7 @@ from pyro.poutine.util import is_validation_enabled, site_is_subsample
 from torch.distributions.utils import broadcast_all
 
 from .enumeration import EnumerationPolicy, contract_enumerated, wants_enumeration
+from .inflation import ProposalInflation
 from .params import ParamSplitter
 from .util import ModelError, warn_once
 
@@ -348,6 +350,7 @@ class ParticleSampler:
         subsample=None,
         detach_model_proposals=False,
         latent_views=False,
+        inflation=None,
     ):
         r"""Draws ``num_particles`` particles per datum; returns :class:`Particles`.
 
@@ -368,6 +371,11 @@ class ParticleSampler:
             latent, a node of its own in the graph (``Particles.latents`` holds the views): a
             hook on it sees exactly the gradient that reaches the guide through that latent
             (IWAE-DReG's one-pass estimator).
+        :param inflation: draw from the guide with its variance multiplied by this factor
+            (:class:`~pyro_iwem.infer.ProposalInflation`; ``log_q`` is then the log
+            density of the widened proposal): a number for every particle, or a sequence of
+            ``num_particles`` factors, one per particle (IWEM's E-step widens its K importance
+            samples and not its L ELBO samples in one pass). ``None`` or 1: no inflation.
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
         if self.max_plate_nesting is None:
@@ -384,6 +392,7 @@ class ParticleSampler:
             rsample_for=rsample_for,
             detach_model_proposals=detach_model_proposals,
             latent_views=latent_views,
+            inflation=_inflation_factors(inflation, num_particles),
         )
         with pyro.validation_enabled(validating):
             if self.vectorize_particles:
@@ -446,6 +455,10 @@ class ParticleSampler:
             return vectorized
 
         guide = vectorize(self.guide)
+        factors = options["inflation"]
+        if factors is not None:  # outside the particle plate: it sees the distributions the plates broadcast
+            same = all(f == factors[0] for f in factors)
+            guide = ProposalInflation(factors[0] if same else torch.tensor(factors), dim=particle_dim)(guide)
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
         try:
@@ -465,10 +478,10 @@ class ParticleSampler:
     def _draw_loop(self, num_particles, model_inputs, guide_inputs, subsample, options):
         ndim = 1 + self.max_plate_nesting
         runs = []
-        for _ in range(num_particles):
-            guide_trace, model_trace = self._run(
-                self.guide, self.model, model_inputs, guide_inputs, subsample, options, -ndim
-            )
+        factors = options["inflation"]
+        for i in range(num_particles):
+            guide = self.guide if factors is None else ProposalInflation(factors[i])(self.guide)
+            guide_trace, model_trace = self._run(guide, self.model, model_inputs, guide_inputs, subsample, options, -ndim)
             if subsample is None:
                 subsample = _subsample_trace(guide_trace, model_trace)
             runs.append((guide_trace, model_trace, *self._log_densities(model_trace, guide_trace, ndim, options)))
@@ -646,6 +659,21 @@ class ParticleSampler:
             splitter=self.split_params,
             structure=_structure(model_trace, guide_trace),
         )
+
+
+def _inflation_factors(inflation, num_particles):
+    """``inflation`` as a list of one variance factor per particle; ``None`` if every factor is 1."""
+    if inflation is None:
+        return None
+    if isinstance(inflation, torch.Tensor):
+        inflation = inflation.tolist()
+    if isinstance(inflation, numbers.Real) and not isinstance(inflation, bool):
+        factors = [float(inflation)] * num_particles
+    else:
+        factors = [float(f) for f in inflation]
+    if len(factors) != num_particles:
+        raise ValueError(f"inflation has {len(factors)} factors for {num_particles} particles; give one per particle")
+    return None if all(f == 1 for f in factors) else factors
 
 
 def _structure(model_trace, guide_trace):

@@ -61,7 +61,6 @@ class ConvVAE(VAE):
     :param logvar_bounds: ``(lo, hi)`` of the encoder's clamped log-variance; ``None`` for the
         MLP models' head instead, ``scale = softplus(.) + min_scale``
         (:class:`~pyro_iwem.models.layers.GaussianHead`).
-    :param float proposal_scale: multiplies the guide's standard deviation.
     :param float min_scale: floor of the guide's standard deviation with ``logvar_bounds=None``
         (unused otherwise: the clamp bounds the scale).
     """
@@ -75,10 +74,9 @@ class ConvVAE(VAE):
         decoder_channels=TW_DECODER,
         decoder_kernel=3,
         logvar_bounds=TW_LOGVAR_BOUNDS,
-        proposal_scale=1.0,
         min_scale=1e-4,
     ):
-        super().__init__(z_dim, proposal_scale)
+        super().__init__(z_dim)
         if decoder_kernel % 2 != 1:
             raise ValueError(f"decoder_kernel must be odd, got {decoder_kernel}")
         self.image_shape = tuple(image_shape)
@@ -143,10 +141,9 @@ class ConvVAELight(ConvVAE):
         decoder_channels=TW_DECODER,
         decoder_kernel=3,
         logvar_bounds=None,
-        proposal_scale=1.0,
         min_scale=1e-4,
     ):
         super().__init__(
             z_dim, image_shape, encoder_layers, decoder_hidden, decoder_channels, decoder_kernel, logvar_bounds,
-            proposal_scale, min_scale,
+            min_scale,
         )

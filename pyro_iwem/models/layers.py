@@ -31,27 +31,44 @@ class MLP(nn.Sequential):
         self.out_dim = in_dim
 
 
+#: How :class:`GaussianHead` maps the raw output ``s = W_scale h + b_scale`` to the scale.
+SCALE_LINKS = ("softplus", "exp")
+
+
 class GaussianHead(nn.Module):
     r"""Maps features ``h`` to the parameters of a diagonal Normal:
 
-        loc = W_loc h + b_loc,    scale = softplus(W_scale h + b_scale) + min_scale.
+        loc = W_loc h + b_loc,    scale = softplus(W_scale h + b_scale) + min_scale
+
+    (``link="softplus"``, the default), or, with ``link="exp"``, the raw output read as a
+    log-variance, unclamped and without a floor:
+
+        scale = exp((W_scale h + b_scale) / 2),
+
+    the official IWEM code's MLP encoder (``q_z_logvar``, a linear layer).
 
     The softplus parametrisation (as in Tucker et al.'s IWAE/DReG code) grows linearly
     rather than exponentially, so large raw outputs do not blow up the scale, and the
     floor ``min_scale`` keeps log densities finite. With zero-initialised biases the
-    initial scale is about softplus(0) = 0.69.
+    initial scale is about softplus(0) = 0.69 (softplus) or exp(0) = 1 (exp).
 
+    :param str link: ``"softplus"`` or ``"exp"``; ``min_scale`` is unused with ``"exp"``.
     :returns: a tuple ``(loc, scale)``, each of shape ``h.shape[:-1] + (out_dim,)``.
     """
 
-    def __init__(self, in_dim, out_dim, min_scale=1e-4):
+    def __init__(self, in_dim, out_dim, min_scale=1e-4, link="softplus"):
         super().__init__()
+        if link not in SCALE_LINKS:
+            raise ValueError(f"link must be one of {', '.join(SCALE_LINKS)}, got {link!r}")
         self.loc = nn.Linear(in_dim, out_dim)
         self.scale = nn.Linear(in_dim, out_dim)
         self.min_scale = min_scale
+        self.link = link
 
     def forward(self, h):
-        return self.loc(h), F.softplus(self.scale(h)) + self.min_scale
+        raw = self.scale(h)
+        scale = torch.exp(0.5 * raw) if self.link == "exp" else F.softplus(raw) + self.min_scale
+        return self.loc(h), scale
 
 
 class ClampedLogVarHead(nn.Module):
@@ -107,11 +124,11 @@ class StudentTHead(GaussianHead):
         return loc, scale, F.softplus(self.df(h)) + self.min_df
 
 
-def gaussian_mlp(in_dim, hidden, out_dim, activation=nn.Tanh, min_scale=1e-4):
-    r"""An MLP body followed by a :class:`GaussianHead`: ``h -> (loc, scale)`` of a diagonal
-    Normal over ``out_dim`` variables (an encoder q(z|x), or a conditional prior p(z1|z2))."""
+def gaussian_mlp(in_dim, hidden, out_dim, activation=nn.Tanh, min_scale=1e-4, link="softplus"):
+    r"""An MLP body followed by a :class:`GaussianHead` (with ``link``): ``h -> (loc, scale)``
+    of a diagonal Normal over ``out_dim`` variables (an encoder q(z|x), or a conditional prior p(z1|z2))."""
     body = MLP(in_dim, hidden, activation=activation)
-    return nn.Sequential(body, GaussianHead(body.out_dim, out_dim, min_scale))
+    return nn.Sequential(body, GaussianHead(body.out_dim, out_dim, min_scale, link))
 
 
 class Gated(nn.Module):

@@ -36,7 +36,6 @@ class TabularVAE(VAE):
     :param int n_hidden: hidden layers in the encoder and in the decoder (MIWAE: 3).
     :param activation: hidden activation, a module class (MIWAE: tanh).
     :param str likelihood: ``"gaussian"`` or ``"studentt"``.
-    :param float proposal_scale: multiplies the guide's standard deviation.
     :param float min_scale: floor of the guide's standard deviation.
     :param float obs_min_scale: floor of the decoder's scale.
     """
@@ -49,7 +48,6 @@ class TabularVAE(VAE):
         n_hidden=3,
         activation=nn.Tanh,
         likelihood="gaussian",
-        proposal_scale=1.0,
         min_scale=1e-4,
         obs_min_scale=1e-3,
     ):
@@ -57,7 +55,7 @@ class TabularVAE(VAE):
             raise ValueError(f"likelihood must be one of {sorted(_HEADS)}, got {likelihood!r}")
         if z_dim is None:
             z_dim = max(x_dim - 1, 1)
-        super().__init__(z_dim, proposal_scale)
+        super().__init__(z_dim)
         self.x_dim = x_dim
         self.likelihood_name = likelihood
         sizes = (hidden,) * n_hidden

@@ -20,7 +20,7 @@ class VAE(nn.Module):
 
     Proposal / guide (parameters φ, ``self.encoder``)::
 
-        z | x ~ Normal(loc(x), proposal_scale * scale(x))
+        z | x ~ Normal(loc(x), scale(x))
 
     Subclasses build ``self.encoder`` (``x -> (loc, scale)``) and ``self.decoder`` and may
     override :meth:`encode` / :meth:`decode`. The default likelihood is Bernoulli with
@@ -36,15 +36,21 @@ class VAE(nn.Module):
     Both accept an outer vectorised particle plate (``pyro.plate("particles", N, dim=-2)``):
     latents then have shape ``(N, B, z_dim)`` and the decoder sees those leading dims.
 
+    To draw from a wider proposal (the official IWEM code multiplies the guide's variance by
+    1.5), wrap the guide in :class:`~pyro_iwem.infer.ProposalInflation`, or pass ``inflation=``
+    to IWEM and :func:`~pyro_iwem.infer.iwae_bound`: it works on any guide.
+
     :param int z_dim: latent dimension.
-    :param float proposal_scale: multiplies the guide's standard deviation (1 = the paper;
-        the official IWEM code inflated the variance by 1.5, i.e. ``sqrt(1.5)``).
     """
 
-    def __init__(self, z_dim, proposal_scale=1.0):
+    def __init__(self, z_dim):
         super().__init__()
         self.z_dim = z_dim
-        self.proposal_scale = proposal_scale
+
+    @property
+    def latent_size(self):
+        """The number of Gaussian latent coordinates of the model (``z_dim`` here)."""
+        return self.z_dim
 
     # --- networks -------------------------------------------------------------------
     def encode(self, x):
@@ -67,7 +73,7 @@ class VAE(nn.Module):
         return dist.Normal(like.new_zeros(dim), like.new_ones(dim)).to_event(1)
 
     def _proposal(self, loc, scale):
-        return dist.Normal(loc, self.proposal_scale * scale).to_event(1)
+        return dist.Normal(loc, scale).to_event(1)
 
     # --- Pyro model and guide ---------------------------------------------------------
     def model(self, x, mask=None):
@@ -92,7 +98,8 @@ class MLPVAE(VAE):
     r"""The paper's MLP model for binary images (Tucker et al. 2018's settings):
 
     - encoder: ``x (784) -> 300 tanh -> 300 tanh -> (loc, scale)`` of a Normal over ``z (40)``,
-      ``scale = softplus(.) + min_scale`` (see :class:`~pyro_iwem.models.layers.GaussianHead`);
+      ``scale = softplus(.) + min_scale``, or ``exp(logvar / 2)`` of a linear log-variance with
+      ``encoder_scale="exp"`` (the official code's; see :class:`~pyro_iwem.models.layers.GaussianHead`);
     - prior: ``z ~ Normal(0, I)``;
     - decoder: ``z -> 300 tanh -> 300 tanh -> 784`` logits, ``x | z ~ Bernoulli(logits)``.
 
@@ -104,8 +111,8 @@ class MLPVAE(VAE):
     :param hidden: hidden layer sizes of the encoder; the decoder uses them reversed.
     :param activation: hidden activation, a module class.
     :param train_mean: optional ``(x_dim,)`` tensor for the decoder's output bias.
-    :param float proposal_scale: multiplies the guide's standard deviation.
-    :param float min_scale: floor of the guide's standard deviation.
+    :param float min_scale: floor of the guide's standard deviation (``encoder_scale="softplus"``).
+    :param str encoder_scale: the encoder head's ``link``, ``"softplus"`` (default) or ``"exp"``.
     """
 
     def __init__(
@@ -115,12 +122,12 @@ class MLPVAE(VAE):
         hidden=(300, 300),
         activation=nn.Tanh,
         train_mean=None,
-        proposal_scale=1.0,
         min_scale=1e-4,
+        encoder_scale="softplus",
     ):
-        super().__init__(z_dim, proposal_scale)
+        super().__init__(z_dim)
         self.x_dim = x_dim
-        self.encoder = gaussian_mlp(x_dim, hidden, z_dim, activation, min_scale)
+        self.encoder = gaussian_mlp(x_dim, hidden, z_dim, activation, min_scale, encoder_scale)
         self.decoder = MLP(z_dim, tuple(reversed(hidden)), x_dim, activation)
         glorot_init_(self)
         if train_mean is not None:
@@ -141,8 +148,9 @@ class MLPVAE2(VAE):
         z1 | x ~ Normal(.)   via 100-100 tanh
         z2 | z1 ~ Normal(.)  via 50-50 tanh
 
-    Sites ``"z1"`` and ``"z2"``. Scales are ``softplus(.) + min_scale``; ``proposal_scale``
-    multiplies both guide scales. ``z_dim`` is the top-level latent dimension ``z2_dim``.
+    Sites ``"z1"`` and ``"z2"``. Scales are ``softplus(.) + min_scale``; ``encoder_scale="exp"``
+    makes both guide scales ``exp(logvar / 2)`` of a linear log-variance (the model's
+    ``p(z1 | z2)`` keeps the softplus). ``z_dim`` is the top-level latent dimension ``z2_dim``.
     """
 
     def __init__(
@@ -154,15 +162,15 @@ class MLPVAE2(VAE):
         hidden2=(50, 50),
         activation=nn.Tanh,
         train_mean=None,
-        proposal_scale=1.0,
         min_scale=1e-4,
+        encoder_scale="softplus",
     ):
-        super().__init__(z2_dim, proposal_scale)
+        super().__init__(z2_dim)
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.encoder = nn.ModuleDict(
             {
-                "z1": gaussian_mlp(x_dim, hidden1, z1_dim, activation, min_scale),
-                "z2": gaussian_mlp(z1_dim, hidden2, z2_dim, activation, min_scale),
+                "z1": gaussian_mlp(x_dim, hidden1, z1_dim, activation, min_scale, encoder_scale),
+                "z2": gaussian_mlp(z1_dim, hidden2, z2_dim, activation, min_scale, encoder_scale),
             }
         )
         self.decoder = nn.ModuleDict(
@@ -174,6 +182,11 @@ class MLPVAE2(VAE):
         glorot_init_(self)
         if train_mean is not None:
             init_bernoulli_bias_(self.decoder["x"][-1], train_mean)
+
+    @property
+    def latent_size(self):
+        """The number of Gaussian latent coordinates, ``z1_dim + z2_dim``."""
+        return self.z1_dim + self.z2_dim
 
     def decode(self, z1):
         """``z1 (..., z1_dim) -> (..., D)`` Bernoulli logits."""
