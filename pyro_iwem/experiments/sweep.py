@@ -295,7 +295,7 @@ class Sweep:
         pending_names = set(pending_names)
         running = {name: board[name] for name in pending_names if board.get(name, {}).get("state") == "running"}
         for name, info in running.items():
-            if info["attempt"] > self.attempts.get(name, 1) and info["attempt"] > 1:
+            if info["attempt"] > self.attempts.get(name, 1):  # its worker died; a new attempt resumed
                 self.print(f"retry {name}: attempt {info['attempt']} continues from epoch {info.get('epoch', 0)}")
             self.attempts[name] = info["attempt"]
         stamp = datetime.datetime.now().strftime("%H:%M:%S")
