@@ -76,12 +76,21 @@ def train_command(run, run_dir, extra_argv=()):
 
 def import_ray(address=None):
     """``ray``, or a :class:`RunError` saying how to install it. Sets Ray's environment
-    first: no usage statistics (no network calls); and, to connect to ``address`` with a
-    token at hand, ``RAY_AUTH_MODE=token`` unless chosen otherwise: Ray (2.60) starts
-    clusters with token authentication, but refuses a driver ("InvalidAuthToken") whose
-    process did not have that mode set when it imported ``ray``."""
+    first, each unless already set:
+
+    - no usage statistics (no network calls);
+    - with no ``address`` (Ray started here for the sweep), workers at normal priority
+      (``RAY_worker_niceness=0``): Ray's default of nice 15 leaves the runs about 3 % of a
+      core beside any other busy process, where the loop of ``train`` subprocesses that
+      ``sweep`` was before ran them at normal priority;
+    - to connect to ``address`` with a token at hand, ``RAY_AUTH_MODE=token``: Ray (2.60)
+      starts clusters with token authentication, but refuses a driver ("InvalidAuthToken")
+      whose process did not have that mode set when it imported ``ray``.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address and "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
+    if not address:
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    elif "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
