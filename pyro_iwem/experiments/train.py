@@ -146,6 +146,7 @@ class Trainer:
                     f"cannot resume {self.run_dir} with different settings: {', '.join(clash)}; "
                     "omit them or use --force to start over"
                 )
+
         def chosen(key):
             return getattr(args, key, None) or saved.get(key) or TRAIN_DEFAULTS[key]
 
