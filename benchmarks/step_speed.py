@@ -166,7 +166,7 @@ class Method:
     default: bool = True
 
 
-def make_pyro_iwem(alpha):
+def make_pyro_iwem(alpha, one_pass=False):
     def factory(ctx):
         encoder, decoder = ctx.fresh()
         model, guide = pyro_model_and_guide(encoder, decoder, f"copy{next(_PYRO_COPIES)}_")
@@ -174,21 +174,7 @@ def make_pyro_iwem(alpha):
         iwem = pyro_iwem.IWEM(
             model, guide, K=ctx.K, J=ctx.J, L=ctx.L, optim=pyro.optim.Adam({"lr": ctx.lr}), annealing=annealing,
             max_plate_nesting=1,  # given, so no guessing run draws from the RNG (the end-to-end check needs this)
-        )
-        x = ctx.x
-        return (lambda: iwem.step(x)), (encoder, decoder)
-
-    return factory
-
-
-def make_pyro_iwem_one_pass(alpha):
-    def factory(ctx):
-        encoder, decoder = ctx.fresh()
-        model, guide = pyro_model_and_guide(encoder, decoder, f"copy{next(_PYRO_COPIES)}_")
-        annealing = None if alpha >= 1.0 else pyro_iwem.Annealing(start=alpha, stop=alpha)
-        iwem = pyro_iwem.IWEM(
-            model, guide, K=ctx.K, optim=pyro.optim.Adam({"lr": ctx.lr}), annealing=annealing, max_plate_nesting=1,
-            one_pass=True,
+            one_pass=one_pass,
         )
         x = ctx.x
         return (lambda: iwem.step(x)), (encoder, decoder)
@@ -453,8 +439,8 @@ def make_plain_discrete_iwae(ctx):
 METHODS = {
     "pyro_iwem_a05": Method(make_pyro_iwem(0.5), "pyro_iwem.IWEM step, alpha = 0.5 (K snIS + L ELBO particles)"),
     "pyro_iwem_a1": Method(make_pyro_iwem(1.0), "pyro_iwem.IWEM step, alpha = 1 (annealing=None)"),
-    "pyro_iwem_1pass_a05": Method(make_pyro_iwem_one_pass(0.5), "pyro_iwem.IWEM(one_pass=True), alpha = 0.5"),
-    "pyro_iwem_1pass_a1": Method(make_pyro_iwem_one_pass(1.0), "pyro_iwem.IWEM(one_pass=True), alpha = 1"),
+    "pyro_iwem_1pass_a05": Method(make_pyro_iwem(0.5, one_pass=True), "pyro_iwem.IWEM(one_pass=True), alpha = 0.5"),
+    "pyro_iwem_1pass_a1": Method(make_pyro_iwem(1.0, one_pass=True), "pyro_iwem.IWEM(one_pass=True), alpha = 1"),
     "plain_iwem_a05": Method(make_plain_iwem(0.5), "straightforward plain IWEM, alpha = 0.5"),
     "plain_iwem_a1": Method(make_plain_iwem(1.0), "straightforward plain IWEM, alpha = 1"),
     "smart_iwem_a05": Method(make_smart_iwem(0.5), "smart plain IWEM (theta/phi-only grads), alpha = 0.5"),

@@ -91,6 +91,15 @@ class TwoLayerGaussian:
             pyro.sample("z2", dist.Normal(x @ A2.T, s).to_event(1))
 
 
+def one_weight_model(x):
+    r"""The smallest model with a θ: :math:`z_i \sim N(0, 1)`, :math:`x_i \mid z_i \sim N(w z_i, 0.7^2)`,
+    one parameter ``w`` (1.5 at first), float64; ``x`` a 1-d tensor, one datum per entry."""
+    w = pyro.param("w", torch.tensor(1.5, dtype=torch.float64))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+        pyro.sample("x", dist.Normal(w * z, 0.7), obs=x)
+
+
 def normal_chi_square(mu, s):
     r""":math:`\chi^2(p \| q) = \int p^2 / q - 1` for p = N(0, 1), q = N(mu, s^2), s^2 > 1/2."""
     return s**2 / math.sqrt(2 * s**2 - 1) * math.exp(mu**2 / (2 * s**2 - 1)) - 1

@@ -29,7 +29,7 @@ from torch.distributions import constraints
 from pyro_iwem import IWEM, Annealing, IWAELoss, OptimalProposalLoss, VAELoss, iwae_bound
 from pyro_iwem.infer import ParticleSampler, log_mean_exp
 from pyro_iwem.infer.util import ModelError, ModelWarning
-from tests.gaussian_models import PPCA, normal_chi_square
+from tests.gaussian_models import PPCA, normal_chi_square, one_weight_model
 
 T = torch.float64
 
@@ -746,12 +746,7 @@ def test_a_nan_log_density_at_the_first_step_changes_nothing(model, method, vali
 def test_a_nan_p_step_gradient_changes_nothing():
     """The E-step draws without a graph, so a guide whose φ-gradient is infinite (d√a/da at a = 0)
     passes the M-step; the P-step refuses it. All or nothing: θ must not have moved either."""
-
-    def model(x):
-        w = pyro.param("w", torch.tensor(1.5, dtype=T))
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=T), 1.0))
-            pyro.sample("x", dist.Normal(w * z, 0.7), obs=x)
+    model = one_weight_model
 
     def guide(x):
         a = pyro.param("a", torch.tensor(0.0, dtype=T))

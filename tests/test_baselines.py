@@ -36,7 +36,7 @@ from pyro_iwem.infer import METHODS, snis_objective
 COMPLETE_DATA_METHODS = [name for name in METHODS if not name.startswith("miss-")]
 from pyro_iwem.infer.losses import ParticleLoss
 from pyro_iwem.infer.methods import SVIStep
-from tests.gaussian_models import PPCA, TwoLayerGaussian
+from tests.gaussian_models import PPCA, TwoLayerGaussian, one_weight_model
 
 T = torch.float64
 
@@ -537,12 +537,7 @@ def test_build_method_unknown_name_lists_the_choices():
 def test_stl_and_dreg_refuse_a_guide_that_uses_model_parameters():
     """Stopping q's parameters would also stop θ's score term: a clear error, not a biased θ-gradient."""
     T = torch.float64
-
-    def model(x):
-        w = pyro.param("w", torch.tensor(1.5, dtype=T))
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=T), 1.0))
-            pyro.sample("x", dist.Normal(w * z, 0.7), obs=x)
+    model = one_weight_model
 
     def guide(x):
         w = pyro.param("w", torch.tensor(1.5, dtype=T))
