@@ -13,6 +13,7 @@ import sys
 
 from pyro_iwem.data import DataFileError
 from pyro_iwem.infer import METHODS
+from pyro_iwem.models.layers import SCALE_LINKS
 
 from .errors import RunError
 from .figures import DEFAULT_NUM_DATA, DEFAULT_REPEATS
@@ -97,7 +98,7 @@ FORWARDED_OPTIONS = (
     ("--log-p-offset", {"type": finite_float, "metavar": "C", "help": "IWEM's optimal P-step fits the proposal to "
                         "abs(log p + C) p (default 0, eq. 7; official: (latent dims / 2) log 2π = 36.76 for a 40-d "
                         "latent, the Gaussian normalising constants the authors' abs(log p) leaves out)"}),
-    ("--encoder-scale", {"type": one_of(("softplus", "exp"), "encoder scale"), "help": "the encoder scale of the "
+    ("--encoder-scale", {"type": one_of(SCALE_LINKS, "encoder scale"), "help": "the encoder scale of the "
                          f"MLP models ({', '.join(MLP_MODELS)}): softplus, softplus(.) + 1e-4 (default); exp, "
                          "exp(logvar / 2) of a linear logvar, unclamped (official). The CNN's is exp(logvar / 2) "
                          "with logvar clamped to [-6, 2] in both protocols"}),
