@@ -71,8 +71,9 @@ def iwae_bound(
             else:
                 n = min(chunk_size or remaining, remaining)
                 particles = sampler(n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation)
-            subsample = particles.subsample
-            chunk = torch.logsumexp(particles.log_w.double(), 0)
+            subsample, log_w = particles.subsample, particles.log_w
+            del particles  # its traces hold the chunk's decoder output: free it before the next draw
+            chunk = torch.logsumexp(log_w.double(), 0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             remaining -= n
     return total - math.log(num_particles)

@@ -7,7 +7,7 @@ import pyro.optim
 import torch
 
 from .annealing import Annealing, NoAnnealing
-from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss
+from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss, shared_draw_gradients
 from .objectives import effective_sample_size, log_mean_exp, snis_objective
 from .util import ModelError, warn_once
 
@@ -107,7 +107,9 @@ class IWEM:
         (its ELBO term averaging the same K particles) and φ's gradient of eq. (7) taken from
         the same graph. It differs from Algorithm 2 in one respect: **the P-step runs at**
         :math:`\theta_t` **on the E-step's particles**, not at :math:`\theta_{t+1}` on J fresh
-        ones (``J`` is unused). About the cost of an IWAE step; default ``False``.
+        ones (``J`` is unused). Both gradients come from one backward pass through the model
+        (:func:`~pyro_iwem.infer.losses.shared_draw_gradients`), so a step costs about what
+        an IWAE step does; default ``False``.
     :param float proposal_inflation: the variance factor :math:`c` of the proposal the E-step
         draws its K importance samples from (default 1: the guide itself). With :math:`c \ne 1`
         they come from :math:`q_c`, the guide with its covariance multiplied by :math:`c`
@@ -258,7 +260,7 @@ class IWEM:
     def _one_pass_step(self, args, kwargs, guide_args):
         particles = self.sampler(
             self.K, args, kwargs, grad_guide=True, guide_args=guide_args, detach_model_proposals=True,
-            inflation=self.proposal_inflation,
+            cut_latents=True, inflation=self.proposal_inflation,
         )
         groups = particles.param_groups()
         if groups.shared:
@@ -267,12 +269,14 @@ class IWEM:
                 "θ's gradient would flow through the proposal. Use the default two-pass step"
             )
         self._warn_if_empty(theta=groups.theta, phi=groups.phi)
-        e_loss = -(particles.scale * snis_objective(particles, self.K, self.alpha)).sum()
-        _, phi_objective = self.proposal_loss.objectives(particles)
-        p_loss = self.proposal_loss.scaled(particles, phi_objective)
-        grads = gradients(e_loss, groups.theta, retain_graph=True)  # both from one graph
-        grads.update(gradients(p_loss, groups.phi))  # every check passed: now parameters move
-        for params in (groups.theta, groups.phi):
+        grads, e_loss, p_loss = shared_draw_gradients(
+            particles,
+            lambda p: -(p.scale * snis_objective(p, self.K, self.alpha)).sum(),
+            lambda p: self.proposal_loss.scaled(p, self.proposal_loss.objectives(p)[1]),
+            groups.theta,
+            groups.phi,
+        )
+        for params in (groups.theta, groups.phi):  # every check passed: now parameters move
             self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
         for p in grads:
             p.grad = None

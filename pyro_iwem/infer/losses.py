@@ -21,6 +21,7 @@ guide's distribution parameters detached (the path through :math:`z_k(\phi)` kep
 :math:`\bar w_k` the normalised weights. All losses work with :class:`pyro.infer.SVI`.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -57,6 +58,73 @@ def _all_finite(tensors):
     total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
     norm = total_norm(tensors) if total_norm else torch.stack([t.norm() for t in tensors]).norm()
     return bool(torch.isfinite(norm))
+
+
+def shared_draw_gradients(particles, theta_loss, phi_loss, theta, phi):
+    r"""θ's gradient of ``theta_loss(particles)`` and φ's of ``phi_loss(particles)``, two
+    losses on one draw of ``particles`` drawn with ``cut_latents`` (the model's graph ends
+    at leaf copies :math:`\zeta` of the guide's latents :math:`z(\phi)`), with one backward
+    pass through the model where the losses allow it.
+
+    Both losses see θ and the latents only through :math:`\log p_{ik}` (there are no
+    model-proposed sites). With :math:`a_{ik} = \partial L_\theta / \partial \log p_{ik}`
+    and :math:`b_{ik} = \partial L_\phi / \partial \log p_{ik}`, read off the losses
+    (cheap: they are functions of a few ``(K, B)`` tensors), one backward pass of
+    :math:`\sum_{ik} a_{ik} \log p_{ik}` gives θ's gradient and, at each leaf,
+    :math:`a_{ik} \partial_\zeta \log p_{ik}`; times :math:`b_{ik} / a_{ik}` (per particle
+    and datum: particles and data do not share latents) it is :math:`L_\phi`'s gradient at
+    that latent, which is passed on to the guide with :math:`L_\phi`'s own path through
+    :math:`\log q`:
+
+    .. math::
+        \nabla_\phi L_\phi = \sum_{ik} b_{ik}\, \partial_\zeta \log p_{ik}\,
+            \frac{\partial z_{ik}}{\partial \phi} + \nabla_\phi L_\phi \big|_{\log p}.
+
+    The model's backward pass then costs what IWAE's does. Two passes (one per loss) when
+    the ratio is not defined: model-proposed sites (a second path from the latents to the
+    losses), latents shared by particles or data (``Particles.layout`` is ``None``), or an
+    :math:`a_{ik}` that underflowed to 0 where :math:`b_{ik}` did not. Returns
+    ``({param: gradient}, theta loss, phi loss)``; a non-finite loss or gradient is refused
+    before anything is written to ``.grad``.
+    """
+    theta = [p for p in theta if p.requires_grad]
+    pairs = [(z, leaf) for z, leaf in zip(particles.latents, particles.model_latents) if leaf is not None and leaf is not z]
+    leaves = [leaf for _, leaf in pairs if leaf.requires_grad]
+    cut = dataclasses.replace(particles, log_p=particles.log_p.detach().requires_grad_())
+    theta_value, phi_value = theta_loss(cut), phi_loss(cut)
+    for value in (theta_value, phi_value):
+        if not torch.isfinite(value.detach()).all():
+            raise ModelError(f"the loss is {value.item()}: no parameter was changed")
+    one_pass = particles.log_p.requires_grad and not particles.model_proposed and particles.layout is not None
+    if one_pass:
+        a = _grads([theta_value], [cut.log_p]).get(cut.log_p, torch.zeros_like(cut.log_p))
+        b = _grads([phi_value], [cut.log_p], retain_graph=True).get(cut.log_p, torch.zeros_like(cut.log_p))
+        one_pass = not ((a == 0) & (b != 0)).any()
+    if one_pass:
+        found = _grads([particles.log_p], theta + leaves, [a])
+        ratios = dict(zip((leaf for _, leaf in pairs), particles.per_latent(torch.where(a != 0, b / a, 0.0))))
+        leaf_grads = [found.pop(leaf) * ratios[leaf] if leaf in found else None for _, leaf in pairs]
+    else:  # the losses on the whole graph, one backward pass each
+        theta_value, phi_value = theta_loss(particles), phi_loss(particles)
+        found = _grads([theta_value], theta, retain_graph=True)
+        from_model = _grads([phi_value], leaves, retain_graph=True)
+        leaf_grads = [from_model.get(leaf) for _, leaf in pairs]
+    chained = [(z, g) for (z, _), g in zip(pairs, leaf_grads) if g is not None]
+    found.update(_grads([phi_value] + [z for z, _ in chained], phi, [None] + [g for _, g in chained]))
+    if found and not _all_finite(list(found.values())):
+        raise ModelError("a gradient is NaN or infinite: no parameter was changed")
+    return found, theta_value, phi_value
+
+
+def _grads(outputs, inputs, grad_outputs=None, retain_graph=False):
+    """``{input: gradient}`` of ``outputs`` (with ``grad_outputs``) for the ``inputs`` that get one."""
+    inputs = [t for t in inputs if t.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs)) if o.requires_grad]
+    if not inputs or not pairs:
+        return {}
+    outputs, grad_outputs = zip(*pairs)
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True)
+    return {t: g for t, g in zip(inputs, grads) if g is not None}
 
 
 def accumulate_grads(grads):

@@ -80,6 +80,9 @@ class Particles:
     log_score: torch.Tensor | None = None
     log_score_leaves: torch.Tensor | None = None
     latents: list = field(default_factory=list)
+    #: the tensors the model replayed for ``latents`` (the same ones, or their leaf copies
+    #: when drawn with ``cut_latents``; ``None`` for a guide-only site)
+    model_latents: list = field(default_factory=list)
     model_params: dict = field(default_factory=dict)
     guide_params: dict = field(default_factory=dict)
     subsample: poutine.Trace | None = None
@@ -350,6 +353,7 @@ class ParticleSampler:
         subsample=None,
         detach_model_proposals=False,
         latent_views=False,
+        cut_latents=False,
         inflation=None,
     ):
         r"""Draws ``num_particles`` particles per datum; returns :class:`Particles`.
@@ -371,6 +375,10 @@ class ParticleSampler:
             latent, a node of its own in the graph (``Particles.latents`` holds the views): a
             hook on it sees exactly the gradient that reaches the guide through that latent
             (IWAE-DReG's one-pass estimator).
+        :param bool cut_latents: the model replays leaf copies of the guide's reparameterised
+            latents (``Particles.model_latents``), so :math:`\log p` has no graph into the
+            guide: the gradient the model sends back through a latent is read off its leaf and
+            passed on to the guide by the caller (:func:`~pyro_iwem.infer.losses.shared_draw_gradients`).
         :param inflation: draw from the guide with its variance multiplied by this factor
             (:class:`~pyro_iwem.infer.ProposalInflation`; ``log_q`` is then the log
             density of the widened proposal): a number for every particle, or a sequence of
@@ -392,6 +400,7 @@ class ParticleSampler:
             rsample_for=rsample_for,
             detach_model_proposals=detach_model_proposals,
             latent_views=latent_views,
+            cut_latents=cut_latents,
             inflation=_inflation_factors(inflation, num_particles),
         )
         with pyro.validation_enabled(validating):
@@ -434,8 +443,9 @@ class ParticleSampler:
         if self._enumerates:  # inside the replay, so that enum sees (and tracks) every site first
             inner = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
         detach = options["detach_model_proposals"] or not options["grad_proposal"]
+        replay_trace = _cut_latents(guide_trace) if options["cut_latents"] else guide_trace
         replayed = _ProposeFromModel(guide_trace, detach=detach)(
-            poutine.replay(inner, trace=guide_trace)
+            poutine.replay(inner, trace=replay_trace)
         )
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
         if self._enumerates is None:  # the first run learns whether the model asks for enumeration
@@ -495,6 +505,7 @@ class ParticleSampler:
         first.log_p, first.log_q, first.log_model_proposed = cat("log_p"), cat("log_q"), cat("log_model_proposed")
         first.log_score, first.log_score_leaves = cat("log_score"), cat("log_score_leaves")
         first.latents = [z for p in stacked for z in p.latents]
+        first.model_latents = [z for p in stacked for z in p.model_latents]
         first.layout = None
         return first
 
@@ -649,6 +660,10 @@ class ParticleSampler:
             log_score=totals.get("log_score"),
             log_score_leaves=totals.get("log_score_leaves"),
             latents=[site["value"] for site in latent_sites],
+            model_latents=[
+                model_trace.nodes[site["name"]]["value"] if site["name"] in model_trace.nodes else None
+                for site in latent_sites
+            ],
             latent_event_dims=[site["fn"].event_dim for site in latent_sites],
             layout=None if coupled else (terms.ndim, terms.data_position),
             model_params=param_values(model_trace),
@@ -659,6 +674,17 @@ class ParticleSampler:
             splitter=self.split_params,
             structure=_structure(model_trace, guide_trace),
         )
+
+
+def _cut_latents(guide_trace):
+    r"""A copy of ``guide_trace`` for the model to replay, whose latents with a graph are
+    detached leaves that require a gradient: the graph of :math:`\log p` ends at them."""
+    cut = guide_trace.copy()
+    for name, site in _density_sites(guide_trace):
+        value = site["value"]
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            cut.nodes[name] = {**site, "value": value.detach().requires_grad_()}
+    return cut
 
 
 def _inflation_factors(inflation, num_particles):
