@@ -7,9 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-../runs/caltech101}
-for metrics in "$out"/*/metrics.json; do
-    run=$(dirname "$metrics")
-    has() { grep -q "\"$1\"" "$metrics"; }
-    has test_ll_inflated1.5_K5000 || .venv/bin/python -m pyro_iwem evaluate "$run" --K 5000 --score-inflation 1.5 --threads 1
-    has test_ll_refit10000_K5000 || .venv/bin/python -m pyro_iwem evaluate "$run" --K 5000 --refit-encoder 10000 --threads 1
-done
+score() {  # score KEY ARGS...: every finished run without KEY in its metrics.json
+    local key=$1; shift
+    for metrics in "$out"/*/metrics.json; do
+        grep -q "\"$key\"" "$metrics" || .venv/bin/python -m pyro_iwem evaluate "$(dirname "$metrics")" --K 5000 "$@" --threads 1
+    done
+}
+score test_ll_inflated1.5_K5000 --score-inflation 1.5  # every inflated score first: minutes each
+score test_ll_refit10000_K5000 --refit-encoder 10000
