@@ -167,3 +167,34 @@ def test_one_pass_iwem_step_takes_one_backward_pass_through_the_model():
     assert CountingIdentity.calls == 1
     for p, e in zip(theta + phi, expected):
         torch.testing.assert_close(p.detach(), e)
+
+
+def mixed_model(x):
+    """A discrete latent c (score-function gradient in the guide) beside a Gaussian z."""
+    init = params()
+    W, b = pyro.param("W", init["W"]), pyro.param("b", init["b"])
+    with pyro.plate("data", x.shape[0]):
+        c = pyro.sample("c", dist.Bernoulli(torch.tensor(0.5, dtype=x.dtype)))
+        z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
+        loc = CountingIdentity.apply(z @ W.T + b + c.unsqueeze(-1))
+        pyro.sample("x", dist.Normal(loc, 0.7).to_event(1), obs=x)
+
+
+def mixed_guide(x):
+    init = params()
+    A1 = pyro.param("A1", init["A1"])
+    logit = pyro.param("logit", torch.tensor(0.2, dtype=torch.float64))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("c", dist.Bernoulli(logits=logit.expand(x.shape[:1])))
+        pyro.sample("z", dist.Normal(x @ A1.T, 0.8).to_event(1))
+
+
+def test_one_backward_pass_beside_a_discrete_latent():
+    """Only the reparameterised latent is cut; the discrete one keeps its score-function term
+    (VIMCO) in the P-step's loss, and its ratio is not applied to the other latent."""
+    x = torch.randn(4, D, dtype=torch.float64)
+    grads, expected, passes = shared_and_reference(
+        mixed_model, mixed_guide, x, snis(1.0), scaled(optimal_proposal_objective)
+    )
+    assert passes == 1
+    assert_same(grads, expected)

@@ -88,8 +88,9 @@ def shared_draw_gradients(particles, theta_loss, phi_loss, theta, phi):
     before anything is written to ``.grad``.
     """
     theta = [p for p in theta if p.requires_grad]
-    pairs = [(z, leaf) for z, leaf in zip(particles.latents, particles.model_latents) if leaf is not None and leaf is not z]
-    leaves = [leaf for _, leaf in pairs if leaf.requires_grad]
+    cut_at = [i for i, (z, leaf) in enumerate(zip(particles.latents, particles.model_latents)) if leaf is not None and leaf is not z]
+    pairs = [(particles.latents[i], particles.model_latents[i]) for i in cut_at]
+    leaves = [leaf for _, leaf in pairs]
     cut = dataclasses.replace(particles, log_p=particles.log_p.detach().requires_grad_())
     theta_value, phi_value = theta_loss(cut), phi_loss(cut)
     for value in (theta_value, phi_value):
@@ -102,8 +103,8 @@ def shared_draw_gradients(particles, theta_loss, phi_loss, theta, phi):
         one_pass = not ((a == 0) & (b != 0)).any()
     if one_pass:
         found = _grads([particles.log_p], theta + leaves, [a])
-        ratios = dict(zip((leaf for _, leaf in pairs), particles.per_latent(torch.where(a != 0, b / a, 0.0))))
-        leaf_grads = [found.pop(leaf) * ratios[leaf] if leaf in found else None for _, leaf in pairs]
+        ratios = particles.per_latent(torch.where(a != 0, b / a, 0.0))  # one per latent, shaped to it
+        leaf_grads = [found.pop(leaf) * ratios[i] if leaf in found else None for i, (_, leaf) in zip(cut_at, pairs)]
     else:  # the losses on the whole graph, one backward pass each
         theta_value, phi_value = theta_loss(particles), phi_loss(particles)
         found = _grads([theta_value], theta, retain_graph=True)
