@@ -4,12 +4,17 @@
 # the refit-encoder score (a fresh encoder fitted by IWAE to the frozen decoder for 10 000 steps,
 # then the K = 5 000 bound; about an hour at one thread). Resumable: a score already in a run's
 # metrics.json is skipped, and an interrupted refit continues from its last save (every 500 steps).
+# usage: caltech101_scores.sh [RUN_DIR ...]  (default: every finished run; name disjoint sets of
+# runs to score them in two processes at once, one per core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-../runs/caltech101}
+if [ $# -gt 0 ]; then runs=(); for run in "$@"; do runs+=("$run/metrics.json"); done
+else runs=("$out"/*/metrics.json); fi
 score() {  # score KEY ARGS...: every finished run without KEY in its metrics.json
     local key=$1; shift
-    for metrics in "$out"/*/metrics.json; do
+    for metrics in "${runs[@]}"; do
+        [ -f "$metrics" ] || continue
         grep -q "\"$key\"" "$metrics" || .venv/bin/python -m pyro_iwem evaluate "$(dirname "$metrics")" --K 5000 "$@" --threads 1
     done
 }
