@@ -218,8 +218,11 @@ class IWEM:
         particles = self.sampler(
             self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args, inflation=inflation
         )
-        loss = -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
-        return particles, loss
+        return particles, self._e_loss(particles, alpha)
+
+    def _e_loss(self, particles, alpha):
+        """:math:`-\sum_i s \, \hat Q_\alpha(\theta; x_i)`, eq. (8), on the first K particles' weights."""
+        return -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
 
     def step(self, *args, **kwargs):
         r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`.
@@ -271,8 +274,8 @@ class IWEM:
         self._warn_if_empty(theta=groups.theta, phi=groups.phi)
         grads, e_loss, p_loss = shared_draw_gradients(
             particles,
-            lambda p: -(p.scale * snis_objective(p, self.K, self.alpha)).sum(),
-            lambda p: self.proposal_loss.scaled(p, self.proposal_loss.objectives(p)[1]),
+            lambda p: self._e_loss(p, self.alpha),
+            self.proposal_loss.phi_loss,
             groups.theta,
             groups.phi,
         )
@@ -310,8 +313,7 @@ class IWEM:
         self._warn_if_empty(phi=phi)
         if not phi:
             return float("nan")
-        _, phi_objective = self.proposal_loss.objectives(particles)
-        loss = self.proposal_loss.scaled(particles, phi_objective)
+        loss = self.proposal_loss.phi_loss(particles)
         gradient_step(loss, phi, self.optim)
         return loss.item()
 

@@ -41,16 +41,32 @@ def check_num_particles(name, value):
 def gradients(loss, params, retain_graph=False):
     """``{p: ∂loss/∂p}`` for ``params`` only (autograd skips every other gradient); refuses a
     non-finite loss or gradient before anything is written to ``.grad``."""
-    params = [p for p in params if p.requires_grad]
+    return _check_grads(_grads([_checked(loss)], params, retain_graph=retain_graph))
+
+
+def _checked(loss):
+    """``loss``, refused if it is not finite."""
     if not torch.isfinite(loss.detach()).all():
         raise ModelError(f"the loss is {loss.item()}: no parameter was changed")
-    if not params or not loss.requires_grad:
-        return {}
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
-    found = {p: g for p, g in zip(params, grads) if g is not None}
+    return loss
+
+
+def _check_grads(found):
+    """``found`` (``{param: gradient}``), refused if any gradient is not finite."""
     if found and not _all_finite(list(found.values())):
         raise ModelError("a gradient is NaN or infinite: no parameter was changed")
     return found
+
+
+def _grads(outputs, inputs, grad_outputs=None, retain_graph=False):
+    """``{input: gradient}`` of ``outputs`` (with ``grad_outputs``) for the ``inputs`` that get one."""
+    inputs = [t for t in inputs if t.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs)) if o.requires_grad]
+    if not inputs or not pairs:
+        return {}
+    outputs, grad_outputs = zip(*pairs)
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True)
+    return {t: g for t, g in zip(inputs, grads) if g is not None}
 
 
 def _all_finite(tensors):
@@ -88,44 +104,28 @@ def shared_draw_gradients(particles, theta_loss, phi_loss, theta, phi):
     before anything is written to ``.grad``.
     """
     theta = [p for p in theta if p.requires_grad]
-    cut_at = [i for i, (z, leaf) in enumerate(zip(particles.latents, particles.model_latents)) if leaf is not None and leaf is not z]
-    pairs = [(particles.latents[i], particles.model_latents[i]) for i in cut_at]
-    leaves = [leaf for _, leaf in pairs]
-    cut = dataclasses.replace(particles, log_p=particles.log_p.detach().requires_grad_())
-    theta_value, phi_value = theta_loss(cut), phi_loss(cut)
-    for value in (theta_value, phi_value):
-        if not torch.isfinite(value.detach()).all():
-            raise ModelError(f"the loss is {value.item()}: no parameter was changed")
+    cut = [(i, z, leaf) for i, (z, leaf) in enumerate(zip(particles.latents, particles.model_latents))
+           if leaf is not None and leaf is not z]  # fmt: skip
+    leaves = [leaf for _, _, leaf in cut]
     one_pass = particles.log_p.requires_grad and not particles.model_proposed and particles.layout is not None
-    if one_pass:
-        a = _grads([theta_value], [cut.log_p]).get(cut.log_p, torch.zeros_like(cut.log_p))
-        b = _grads([phi_value], [cut.log_p], retain_graph=True).get(cut.log_p, torch.zeros_like(cut.log_p))
+    if one_pass:  # the losses on a detached log p: a and b cost a few (K, B) operations
+        detached = dataclasses.replace(particles, log_p=particles.log_p.detach().requires_grad_())
+        theta_value, phi_value = _checked(theta_loss(detached)), _checked(phi_loss(detached))
+        a = _grads([theta_value], [detached.log_p]).get(detached.log_p, torch.zeros_like(detached.log_p))
+        b = _grads([phi_value], [detached.log_p], retain_graph=True).get(detached.log_p, torch.zeros_like(a))
         one_pass = not ((a == 0) & (b != 0)).any()
     if one_pass:
         found = _grads([particles.log_p], theta + leaves, [a])
         ratios = particles.per_latent(torch.where(a != 0, b / a, 0.0))  # one per latent, shaped to it
-        leaf_grads = [found.pop(leaf) * ratios[i] if leaf in found else None for i, (_, leaf) in zip(cut_at, pairs)]
+        leaf_grads = [found.pop(leaf) * ratios[i] if leaf in found else None for i, _, leaf in cut]
     else:  # the losses on the whole graph, one backward pass each
-        theta_value, phi_value = theta_loss(particles), phi_loss(particles)
+        theta_value, phi_value = _checked(theta_loss(particles)), _checked(phi_loss(particles))
         found = _grads([theta_value], theta, retain_graph=True)
         from_model = _grads([phi_value], leaves, retain_graph=True)
-        leaf_grads = [from_model.get(leaf) for _, leaf in pairs]
-    chained = [(z, g) for (z, _), g in zip(pairs, leaf_grads) if g is not None]
+        leaf_grads = [from_model.get(leaf) for leaf in leaves]
+    chained = [(z, g) for (_, z, _), g in zip(cut, leaf_grads) if g is not None]
     found.update(_grads([phi_value] + [z for z, _ in chained], phi, [None] + [g for _, g in chained]))
-    if found and not _all_finite(list(found.values())):
-        raise ModelError("a gradient is NaN or infinite: no parameter was changed")
-    return found, theta_value, phi_value
-
-
-def _grads(outputs, inputs, grad_outputs=None, retain_graph=False):
-    """``{input: gradient}`` of ``outputs`` (with ``grad_outputs``) for the ``inputs`` that get one."""
-    inputs = [t for t in inputs if t.requires_grad]
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs or [None] * len(outputs)) if o.requires_grad]
-    if not inputs or not pairs:
-        return {}
-    outputs, grad_outputs = zip(*pairs)
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True)
-    return {t: g for t, g in zip(inputs, grads) if g is not None}
+    return _check_grads(found), theta_value, phi_value
 
 
 def accumulate_grads(grads):
@@ -193,6 +193,10 @@ class ParticleLoss(ELBO):
     def scaled(self, particles, objective):
         """``-sum_i scale * objective_i``: the batch loss of a per-datum objective."""
         return -(particles.scale * objective).sum()
+
+    def phi_loss(self, particles):
+        """The batch loss whose φ-gradient this estimator takes (its φ objective, scaled)."""
+        return self.scaled(particles, self.objectives(particles)[1])
 
     def _particles(self, model, guide, args, kwargs):
         sampler = self.sampler(model, guide)
