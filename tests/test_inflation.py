@@ -132,6 +132,10 @@ def test_bad_factors_are_refused():
         ProposalInflation(torch.ones(2, 2), dim=-2)
     with pytest.raises(ValueError, match="dim"):
         ProposalInflation(torch.ones(2))
+    with pytest.raises(ValueError, match=r"positive and finite, got \[1.5, 0.0\]"):
+        ProposalInflation(torch.tensor([1.5, 0.0]), dim=-2)
+    with pytest.raises(ValueError, match="positive and finite"):
+        ProposalInflation([1.5, math.nan], dim=-2)
     m = PPCA()
     with pytest.raises(ValueError, match="3 factors for 4 particles"):
         ParticleSampler(m.model, m.guide)(4, (torch.zeros(2, 3, dtype=F64),), {}, inflation=[C, C, 1.0])

@@ -13,8 +13,8 @@ actually sampled. :class:`ProposalInflation` does this to any guide: it replaces
 site's distribution by the widened one, so a trace records (and :math:`\log q` is computed
 from) :math:`q_c`, and a draw is a reparameterised draw from it.
 
-The factor is a number, or one number per particle of a vectorised particle plate (a 1-d
-tensor placed at that plate's ``dim``), so that one pass draws some particles widened and
+The factor is a number, or one number per particle of a vectorised particle plate (a
+sequence placed at that plate's ``dim``), so that one pass draws some particles widened and
 others not (IWEM's E-step: K inflated importance samples, L un-inflated ELBO samples).
 """
 
@@ -84,32 +84,36 @@ class ProposalInflation(Messenger):
 
     Used outside a particle plate, it sees the distributions the plates have broadcast::
 
-        with ProposalInflation(torch.tensor([1.5, 1.5, 1.0]), dim=-2):
+        with ProposalInflation([1.5, 1.5, 1.0], dim=-2):
             with pyro.plate("particles", 3, dim=-2):
                 guide(x)          # particles 0, 1 widened, particle 2 not
 
-    :param factor: the variance factor :math:`c > 0`: a number, or a 1-d tensor of one factor
-        per element of the batch dim ``dim`` (a vectorised particle plate).
+    :param factor: the variance factor :math:`c > 0`: a number, or a sequence (or 1-d tensor)
+        of one factor per element of the batch dim ``dim`` (a vectorised particle plate), made
+        into a tensor at each site in the dtype and on the device of its distribution.
     :param int dim: the batch dim (negative, counted from the right of a site's batch shape)
-        that a 1-d ``factor`` runs along; required for a tensor, ignored for a number.
+        that a sequence of factors runs along; required for one, ignored for a number.
     """
 
     def __init__(self, factor, dim=None):
         super().__init__()
-        if isinstance(factor, torch.Tensor) and factor.dim() == 0:
-            factor = factor.item()
         if isinstance(factor, torch.Tensor):
-            if factor.dim() != 1 or dim is None or dim >= 0:
+            if factor.dim() > 1:
+                raise ValueError(f"a tensor factor must be 0-d or 1-d, got shape {tuple(factor.shape)}")
+            factor = factor.tolist()
+        if isinstance(factor, (list, tuple)):
+            if not factor or dim is None or dim >= 0:
                 raise ValueError(
-                    "a tensor factor must be 1-d, one factor per element of the batch dim `dim` (a negative int), "
-                    f"got shape {tuple(factor.shape)} and dim={dim!r}"
+                    "a sequence of factors needs one factor per element of the batch dim `dim` (a negative int), "
+                    f"got {len(factor)} factors and dim={dim!r}"
                 )
-            if not bool((factor > 0).all()) or not bool(torch.isfinite(factor).all()):
-                raise ValueError(f"every inflation factor must be positive and finite, got {factor.tolist()}")
-            factor = factor.reshape(factor.shape + (1,) * (-1 - dim))
-        elif isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < factor < float("inf"):
+            if not all(_positive_number(f) for f in factor):
+                raise ValueError(f"every inflation factor must be positive and finite, got {list(factor)}")
+            self.factor, self.shape = tuple(float(f) for f in factor), (len(factor),) + (1,) * (-1 - dim)
+        elif _positive_number(factor):
+            self.factor, self.shape = factor, None
+        else:
             raise ValueError(f"the inflation factor must be a positive finite number, got {factor!r}")
-        self.factor = factor
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or site_is_subsample(msg) or msg["infer"].get("_deterministic"):
@@ -117,8 +121,8 @@ class ProposalInflation(Messenger):
         if isinstance(_unwrapped(msg["fn"]), dist.Delta):
             return
         factor = self.factor
-        if isinstance(factor, torch.Tensor):
-            factor = factor.to(**_dtype_and_device(msg["fn"]))
+        if self.shape is not None:  # made here, in the site's dtype and on its device
+            factor = torch.tensor(factor, **_dtype_and_device(msg["fn"])).reshape(self.shape)
         try:
             msg["fn"] = inflate(msg["fn"], factor)
         except TypeError:
@@ -126,6 +130,10 @@ class ProposalInflation(Messenger):
                 f"guide site '{msg['name']}' has a {_describe(msg['fn'])} proposal, which cannot be inflated: "
                 f"proposal inflation widens {WIDENED}, also inside .to_event(), masks and expansions"
             ) from None
+
+
+def _positive_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def _unwrapped(fn):

@@ -221,7 +221,7 @@ class IWEM:
         return particles, self._e_loss(particles, alpha)
 
     def _e_loss(self, particles, alpha):
-        """:math:`-\sum_i s \, \hat Q_\alpha(\theta; x_i)`, eq. (8), on the first K particles' weights."""
+        r""":math:`-\sum_i s \, \hat Q_\alpha(\theta; x_i)`, eq. (8), on the first K particles' weights."""
         return -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
 
     def step(self, *args, **kwargs):

@@ -468,7 +468,7 @@ class ParticleSampler:
         factors = options["inflation"]
         if factors is not None:  # outside the particle plate: it sees the distributions the plates broadcast
             same = all(f == factors[0] for f in factors)
-            guide = ProposalInflation(factors[0] if same else torch.tensor(factors), dim=particle_dim)(guide)
+            guide = ProposalInflation(factors[0] if same else factors, dim=particle_dim)(guide)
         if guide_trace is not None:
             guide = poutine.replay(guide, trace=guide_trace)
         try:
