@@ -113,6 +113,9 @@ FORWARDED_OPTIONS = (
                    "official: --K)"}),
     ("--eval-K", {"type": positive_int, "help": f"samples of the test IWAE bound (default {_default('eval_K')})"}),
     ("--eval-batch-size", {"type": positive_int, "help": f"batch size of validation and test (default {_default('eval_batch_size')})"}),
+    ("--eval-memory", {"type": positive_float, "metavar": "GIB", "help": "memory a chunk of the validation and test "
+                       "bounds' particles may hold at its peak: chunks hold 500 particles, or fewer where that is more "
+                       f"(default {_default('eval_memory')} GiB)"}),
     ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),
     ("--max-eval", {"type": positive_int, "help": "use only the first N validation and test images (default all)"}),
     ("--missing-patches", {"type": nonneg_int, "metavar": "N", "help": "remove N of the 3x3 patches of every training "
@@ -184,6 +187,9 @@ def add_evaluate_parser(subparsers):
     p.add_argument("--data-root", metavar="DIR", help="data directory (default: the run's, $PYRO_IWEM_DATA, ...)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=positive_int, help="test batch size (default: the run's)")
+    p.add_argument("--memory", type=positive_float, default=TRAIN_DEFAULTS["eval_memory"], metavar="GIB",
+                   help="memory a chunk of the bound's particles may hold at its peak: chunks hold 500 particles, "
+                   f"or fewer where that is more (default {TRAIN_DEFAULTS['eval_memory']} GiB)")
     p.add_argument("--seed", type=nonneg_int, help="seed of the samples (default: the run's)")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--all-test", action="store_true",
@@ -396,12 +402,12 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, gib
 
     result = evaluate_run(
         args.run_dir, args.K, args.data_root, args.device, args.batch_size, args.seed, args.threads, args.all_test,
         refit_steps=args.refit_encoder, refit_K=args.refit_K, refit_lr=args.refit_lr, progress=True,
-        inflation=args.score_inflation,
+        inflation=args.score_inflation, memory_budget=gib(args.memory),
     )
     where = f"recorded in metrics.json as {result.key}" if result.metrics is not None else "no metrics.json to record it in"
     scored = f", proposal variance x {result.inflation:g}" if result.inflation != 1 else ""

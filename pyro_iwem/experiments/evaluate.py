@@ -15,6 +15,7 @@ import torch
 
 from pyro_iwem.data.files import DATA_ENV_VAR
 from pyro_iwem.infer import MISSING_DATA_INPUTS, IWAELoss, Imputer, iwae_bound
+from pyro_iwem.infer.evaluation import PROBE_PARTICLES, budget_chunk
 from pyro_iwem.infer.traces import ParticleSampler
 from pyro_iwem.models.layers import glorot_init_
 
@@ -32,14 +33,32 @@ from .checkpoint import (
 from .errors import RunError
 from .setup import PLATES, load_data, make_model, resolve_device
 
+#: bytes the evaluation's chunk of particles may hold at its peak (``--eval-memory``, in GiB)
+EVAL_MEMORY_BUDGET = 2**30
+#: particles per chunk of the evaluation's bounds where the memory budget allows it
+EVAL_CHUNK = 500
 
-def mean_log_likelihood(model, data, split, num_particles, batch_size=100, device=None, chunk_size=500, inflation=1.0):
+
+def gib(value):
+    """``value`` GiB in bytes."""
+    return int(value * 2**30)
+
+
+def mean_log_likelihood(
+    model, data, split, num_particles, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET
+):
     """Mean over a split of the per-datum IWAE bound with ``num_particles`` samples
     (:func:`~pyro_iwem.infer.iwae_bound`, log-mean-exp in float64), drawn from the guide with
-    its variance multiplied by ``inflation`` (1: the guide itself); a float in nats."""
+    its variance multiplied by ``inflation`` (1: the guide itself); a float in nats.
+
+    The samples are drawn in chunks of :func:`eval_chunk_size` particles, which keeps a
+    chunk's peak memory under ``memory_budget`` bytes."""
     sampler = ParticleSampler(model.model, model.guide, **PLATES)
     total, count = 0.0, 0
+    chunk_size = None
     for x in data.batches(split, batch_size, device=device):
+        if chunk_size is None:
+            chunk_size = eval_chunk_size(model, x, memory_budget, inflation)
         bound = iwae_bound(
             model.model, model.guide, x, num_particles=num_particles, chunk_size=chunk_size, sampler=sampler,
             inflation=inflation,
@@ -49,11 +68,31 @@ def mean_log_likelihood(model, data, split, num_particles, batch_size=100, devic
     return total / count
 
 
-def test_log_likelihood(model, data, num_particles, seed, batch_size=100, device=None, inflation=1.0):
+def eval_chunk_size(model, x, memory_budget, inflation=1.0):
+    """Particles per chunk of the evaluation's bounds on batches like ``x``: :data:`EVAL_CHUNK`,
+    or as many as fit in ``memory_budget`` bytes at a chunk's peak if that is fewer (a probe
+    of ``PROBE_PARTICLES`` particles of ``x``, measured by
+    :func:`~pyro_iwem.infer.evaluation.budget_chunk` and drawn from a copy of the random
+    state). The chunk size decides how the random numbers fall on the particles, so a fixed
+    size keeps every score reproducible; the budget only cuts it where it would not fit (the
+    CNN: about 0.8 MB per image and particle, 40 GB for chunks of 500 at batch 100)."""
+    probe = ParticleSampler(model.model, model.guide, **PLATES)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        chunk, _ = budget_chunk(
+            lambda: probe(PROBE_PARTICLES, (x,), {}, grad_guide=False, inflation=inflation),
+            PROBE_PARTICLES, memory_budget, x.device,
+        )
+    return min(EVAL_CHUNK, chunk)
+
+
+def test_log_likelihood(
+    model, data, num_particles, seed, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET
+):
     """The test log-likelihood: :func:`mean_log_likelihood` of the test split with the
     global RNG seeded from ``seed`` first, so the same parameters give the same number."""
     pyro.set_rng_seed(seed)
-    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device, inflation=inflation)
+    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device, inflation, memory_budget)
 
 
 def score_key(K, inflation=1.0, all_test=False, refit_steps=None):
@@ -313,6 +352,7 @@ def evaluate_run(
     refit_lr=None,
     progress=False,
     inflation=None,
+    memory_budget=EVAL_MEMORY_BUDGET,
 ):
     """Recompute the test log-likelihood of a run's best parameters with K samples.
 
@@ -331,6 +371,9 @@ def evaluate_run(
     :data:`REFIT_CHECKPOINT_EVERY` steps and at its end: an interrupted fit resumes, a finished
     one is reused (only for the same best parameters and settings).
 
+    ``memory_budget``: bytes a chunk of the bound's particles may hold at its peak
+    (:func:`mean_log_likelihood`).
+
     :returns: an :class:`Evaluation`.
     """
     if threads:
@@ -343,7 +386,7 @@ def evaluate_run(
     inflation = config.get("score_inflation", 1.0) if inflation is None else inflation
     start = time.perf_counter()
     with torch.no_grad():
-        test_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation)
+        test_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation, memory_budget)
     seconds = time.perf_counter() - start
     results = {score_key(K, inflation, all_test): test_ll}
 
@@ -372,7 +415,7 @@ def evaluate_run(
             )
         eval_start = time.perf_counter()
         with torch.no_grad():
-            refit_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation)
+            refit_ll = test_log_likelihood(model, data, K, seed, batch_size, device, inflation, memory_budget)
         key = score_key(K, inflation, all_test, refit_steps)
         results[key] = refit_ll
         refit = {

@@ -90,6 +90,7 @@ TRAIN_DEFAULTS = {
     "eval_K": 5000,
     "valid_K": 100,
     "eval_batch_size": 100,
+    "eval_memory": 1.0,  # GiB; a setting of the machine, not of the run (not in CONFIG_KEYS)
     "patience": 50,
     "threads": None,
     "data_root": None,

@@ -34,7 +34,7 @@ from .checkpoint import (
     torch_load,
 )
 from .errors import RunError, TrainingDiverged
-from .evaluate import completions, mean_log_likelihood, score_key, test_log_likelihood
+from .evaluate import completions, gib, mean_log_likelihood, score_key, test_log_likelihood
 from .figures import subset_variances, summary, variance_metrics, variance_subset
 from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
@@ -276,7 +276,7 @@ class Trainer:
         with torch.no_grad():
             return mean_log_likelihood(
                 self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device,
-                inflation=args.score_inflation,
+                args.score_inflation, gib(args.eval_memory),
             )
 
     def record_variance(self):
@@ -391,7 +391,8 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         with torch.no_grad():
             test_ll = test_log_likelihood(
-                self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device, args.score_inflation
+                self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device, args.score_inflation,
+                gib(args.eval_memory),
             )
         eval_seconds = time.perf_counter() - eval_start
         pyro.set_rng_seed(args.seed)
