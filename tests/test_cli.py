@@ -164,6 +164,21 @@ def test_every_method_and_model_trains(tmp_path, method, model):
         assert state["decoder.0.a.weight"].shape == (300, 40) and state["decoder.1.a.weight"].shape == (64, 300)
 
 
+def test_anneal_start_sets_alpha_in_the_first_epoch(tmp_path, capsys):
+    assert train(tmp_path / "a", "--anneal-start", "0.5", "--anneal-increment", "0.25", epochs=2) == 0
+    ckpt = torch_load(tmp_path / "a" / "checkpoint.pt")
+    assert [h["alpha"] for h in ckpt["history"]] == [0.5, 0.75] and ckpt["args"]["anneal_start"] == 0.5
+    # α = 1 from the start: the one-pass step as the woa variants run (no ELBO term)
+    assert train(tmp_path / "b", "--anneal-start", "1", method="iwem-one-pass", epochs=2) == 0
+    assert [h["alpha"] for h in torch_load(tmp_path / "b" / "checkpoint.pt")["history"]] == [1.0, 1.0]
+    assert "--anneal-start" in one_error_line(capsys, train(tmp_path / "c", "--anneal-start", "1.5"))
+    # a run made before --anneal-start resumes with the paper's α = 0 start
+    ckpt["args"].pop("anneal_start")
+    torch.save(ckpt, tmp_path / "a" / "checkpoint.pt")
+    assert train(tmp_path / "a", "--anneal-increment", "0.25", "--resume", epochs=3) == 0
+    assert [h["alpha"] for h in torch_load(tmp_path / "a" / "checkpoint.pt")["history"]] == [0.5, 0.75, 0.5]
+
+
 @pytest.mark.parametrize("method", ["miss-iwae", "miss-iwem", "miss-iwem-woa"])
 def test_missing_patches_train_and_draw_completions(tmp_path, method):
     out = tmp_path / "r"

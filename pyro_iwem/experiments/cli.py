@@ -53,6 +53,14 @@ nonneg_float = _number(float, "a non-negative finite number", 0.0)
 finite_float = _number(float, "a finite number", -math.inf, strict=True)
 
 
+def unit_float(text):
+    """An argparse type: a number ``0 <= value <= 1``."""
+    value = nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return value
+
+
 def list_of(item_type):
     def parse(text):
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -107,6 +115,9 @@ FORWARDED_OPTIONS = (
     ("--lr", {"type": positive_float, "help": f"Adam learning rate (default {_default('lr')})"}),
     ("--anneal-increment", {"type": positive_float, "help": "increase of IWEM's α after each epoch, from 0 to 1 "
                                 f"(default {_default('anneal_increment')}, the paper's)"}),
+    ("--anneal-start", {"type": unit_float, "metavar": "ALPHA", "help": "IWEM's α in the first epoch (default "
+                        f"{_default('anneal_start')}, the paper's; 1: no annealing, e.g. to run iwem-one-pass as the "
+                        "woa variants run)"}),
     ("--patience", {"type": positive_int, "help": "stop after this many epochs without a validation gain, "
                         f"not counting epochs with α < 1 (default {_default('patience')})"}),
     ("--valid-K", {"type": positive_int, "help": f"samples of the validation IWAE bound (default {_default('valid_K')}; "

@@ -41,6 +41,7 @@ CONFIG_KEYS = (
     "J",
     "lr",
     "anneal_increment",
+    "anneal_start",
     "batch_size",
     "seed",
     "data_seed",
@@ -57,9 +58,11 @@ CONFIG_KEYS = (
     "encoder_scale",
 )
 
-#: What the keys that came with ``--protocol`` meant for the runs made before them (the paper's
-#: protocol): a checkpoint without them resumes, and is evaluated, with these.
+#: What the keys added after the first runs (``--protocol``'s, ``--anneal-start``) meant for the
+#: runs made before them (the paper's protocol): a checkpoint without them resumes, and is
+#: evaluated, with these.
 LEGACY_CONFIG = {
+    "anneal_start": 0.0,
     "protocol": "paper",
     "proposal_inflation": 1.0,
     "p_step_inflation": 1.0,
@@ -81,6 +84,7 @@ TRAIN_DEFAULTS = {
     "batch_size": 100,
     "lr": 5e-4,
     "anneal_increment": 0.01,
+    "anneal_start": 0.0,
     "seed": 1234,
     "data_seed": 1234,
     "device": "auto",
@@ -217,9 +221,11 @@ def make_model(config, data, device):
 def make_method(config, model, annealing=None):
     """The config's inference method (keys ``method``, ``K``, ``J``, ``lr`` and IWEM's
     ``proposal_inflation``, ``p_step_inflation``, ``log_p_offset``), with Adam and
-    ``annealing``, by default the paper's per-epoch schedule (+``anneal_increment`` per epoch)."""
+    ``annealing``, by default the paper's per-epoch schedule (+``anneal_increment`` per epoch,
+    from ``anneal_start``)."""
     if annealing is None:
-        annealing = Annealing(config.get("anneal_increment", 0.01), every=1, unit="epoch")
+        start = config.get("anneal_start", 0.0)
+        annealing = Annealing(config.get("anneal_increment", 0.01), every=1, start=start, unit="epoch")
     return build_method(
         config["method"],
         model.model,
