@@ -323,6 +323,8 @@ def test_sweep_dry_run(tmp_path, capsys):
     # iwae: 2 K x 2 seeds (J unused); iwem: 2 K x 2 J x 2 seeds
     assert len(lines) == 4 + 8
     assert "-m pyro_iwem train --dataset digits-8x8 --model mlp --method iwae --K 5 --J 5 --seed 1 --epochs 3" in lines[0]
+    # what the sweep's task runs: one thread per CPU of the run, no progress bars
+    assert "--threads 1 --quiet" in lines[0]
     assert lines[0].endswith(f"--out {tmp_path / 'sweep' / 'digits-8x8-mlp-iwae-K5-J5-s1'} --resume")
     assert not (tmp_path / "sweep").exists()
 

@@ -338,6 +338,6 @@ def run_sweep(runs, sweep_dir, extra_argv=(), dry_run=False, fail_fast=False, **
     sweep = Sweep(runs, sweep_dir, extra_argv, **options)
     if dry_run:
         for i, (run, name) in enumerate(zip(runs, sweep.names), 1):
-            sweep.print(f"[{i}/{len(runs)}] {shlex.join(train_command(run, sweep.sweep_dir / name, extra_argv))}")
+            sweep.print(f"[{i}/{len(runs)}] {shlex.join(train_command(run, sweep.sweep_dir / name, sweep.extra_argv))}")
         return 0
     return sweep.run(fail_fast)
