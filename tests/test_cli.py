@@ -18,9 +18,10 @@ from PIL import Image
 from pyro_iwem.data import data_root_exists
 from pyro_iwem.experiments import evaluate
 from pyro_iwem.experiments.checkpoint import torch_load
-from pyro_iwem.experiments.cli import main
+from pyro_iwem.experiments.cli import build_parser, main
 from pyro_iwem.experiments.images import grid_size
 from pyro_iwem.experiments.table import format_table
+from pyro_iwem.experiments.train import Trainer
 from pyro_iwem.infer import IWAELoss
 
 # 2 training batches per epoch, 50 validation and 50 test images.
@@ -177,6 +178,14 @@ def test_anneal_start_sets_alpha_in_the_first_epoch(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "a" / "checkpoint.pt")
     assert train(tmp_path / "a", "--anneal-increment", "0.25", "--resume", epochs=3) == 0
     assert [h["alpha"] for h in torch_load(tmp_path / "a" / "checkpoint.pt")["history"]] == [0.5, 0.75, 0.5]
+
+
+def test_L_reaches_the_e_step_of_the_iwem_methods_only(tmp_path, capsys):
+    args = build_parser().parse_args(["train", *DIGITS, "--method", "iwem", "--L", "4", *TINY, "--out", str(tmp_path / "a")])
+    trainer = Trainer(args).prepare()
+    assert trainer.method.L == 4 and trainer.config["L"] == 4
+    for method in ("iwae", "iwem-one-pass"):
+        assert "--L" in one_error_line(capsys, train(tmp_path / method, "--L", "4", method=method))
 
 
 @pytest.mark.parametrize("method", ["miss-iwae", "miss-iwem", "miss-iwem-woa"])

@@ -39,6 +39,7 @@ CONFIG_KEYS = (
     "method",
     "K",
     "J",
+    "L",
     "lr",
     "anneal_increment",
     "anneal_start",
@@ -58,10 +59,11 @@ CONFIG_KEYS = (
     "encoder_scale",
 )
 
-#: What the keys added after the first runs (``--protocol``'s, ``--anneal-start``) meant for the
+#: What the keys added after the first runs (``--protocol``'s, ``--anneal-start``, ``--L``) meant for the
 #: runs made before them (the paper's protocol): a checkpoint without them resumes, and is
 #: evaluated, with these.
 LEGACY_CONFIG = {
+    "L": 1,
     "anneal_start": 0.0,
     "protocol": "paper",
     "proposal_inflation": 1.0,
@@ -80,6 +82,7 @@ TRAIN_DEFAULTS = {
     "method": "iwem",
     "K": 50,
     "J": 50,
+    "L": 1,
     "epochs": 1500,
     "batch_size": 100,
     "lr": 5e-4,
@@ -226,12 +229,19 @@ def make_method(config, model, annealing=None):
     if annealing is None:
         start = config.get("anneal_start", 0.0)
         annealing = Annealing(config.get("anneal_increment", 0.01), every=1, start=start, unit="epoch")
+    L = config.get("L", 1)
+    if L != 1 and (config["method"] not in IWEM_METHODS or config["method"] == "iwem-one-pass"):
+        raise ValueError(
+            f"--L is the ELBO samples of the annealed E-step of {', '.join(m for m in IWEM_METHODS if m != 'iwem-one-pass')}; "
+            f"{config['method']} has no such term (iwem-one-pass averages its K particles), got --L {L}"
+        )
     return build_method(
         config["method"],
         model.model,
         model.guide,
         K=config["K"],
         J=config["J"],
+        L=L,
         optim=pyro.optim.Adam({"lr": config["lr"]}),
         annealing=annealing,
         proposal_inflation=config.get("proposal_inflation", 1.0),
