@@ -184,7 +184,7 @@ def test_L_reaches_the_e_step_of_the_iwem_methods_only(tmp_path, capsys):
     args = build_parser().parse_args(["train", *DIGITS, "--method", "iwem", "--L", "4", *TINY, "--out", str(tmp_path / "a")])
     trainer = Trainer(args).prepare()
     assert trainer.method.L == 4 and trainer.config["L"] == 4
-    for method in ("iwae", "iwem-one-pass"):
+    for method in ("iwae", "iwem-woa", "iwem-one-pass"):
         assert "--L" in one_error_line(capsys, train(tmp_path / method, "--L", "4", method=method))
 
 

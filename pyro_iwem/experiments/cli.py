@@ -115,8 +115,8 @@ FORWARDED_OPTIONS = (
     ("--lr", {"type": positive_float, "help": f"Adam learning rate (default {_default('lr')})"}),
     ("--anneal-increment", {"type": positive_float, "help": "increase of IWEM's α after each epoch, from 0 to 1 "
                                 f"(default {_default('anneal_increment')}, the paper's)"}),
-    ("--L", {"type": positive_int, "help": "IWEM methods: ELBO samples of the annealed E-step, eq. (8) (default "
-             f"{_default('L')}, the paper's; iwem-one-pass averages its K particles)"}),
+    ("--L", {"type": positive_int, "help": "iwem, iwem-woo, miss-iwem: ELBO samples of the annealed E-step, eq. (8) "
+             f"(default {_default('L')}, the paper's; iwem-one-pass averages its K particles)"}),
     ("--anneal-start", {"type": unit_float, "metavar": "ALPHA", "help": "IWEM's α in the first epoch (default "
                         f"{_default('anneal_start')}, the paper's; 1: no annealing, e.g. to run iwem-one-pass as the "
                         "woa variants run)"}),
