@@ -98,3 +98,17 @@ def test_math_is_rendered_offline(site):
     assert "_static/mathjax/tex-chtml.js" in text and "cdn." not in text
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
     assert "math notranslate" in page(site, "api/iwem.html")  # the docstrings' :math:
+
+
+def test_no_control_characters_in_the_sources():
+    """A LaTeX command written into a page through a non-raw Python string loses its backslash to an
+    escape (``\\frac`` becomes a form feed, ``\\nabla`` a newline and ``abla``): the page still
+    builds, with the formula broken. No page, README or docstring may hold a control character."""
+    sources = [*DOCS.glob("*.md"), *DOCS.glob("*.rst"), ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+               *(ROOT / "pyro_iwem").rglob("*.py")]
+    bad = {}
+    for path in sources:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", line):
+                bad.setdefault(str(path.relative_to(ROOT)), []).append(number)
+    assert not bad, f"control characters at {bad}"
