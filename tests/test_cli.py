@@ -116,8 +116,8 @@ def test_table_markdown_and_csv(digits_run, capsys):
     assert "wall-clock" in out
     assert main(["table", str(digits_run), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("method,K,J,dataset,model,missing_patches,metric,mean,std,n")
-    assert lines[1].startswith("iwem,3,3,digits-8x8,mlp,0,test_ll,") and lines[1].split(",")[8:10] == ["", "1"]
+    assert lines[0].startswith("method,K,J,settings,dataset,model,missing_patches,metric,mean,std,n")
+    assert lines[1].startswith("iwem,3,3,,digits-8x8,mlp,0,test_ll,") and lines[1].split(",")[9:11] == ["", "1"]
 
 
 def test_table_groups_seeds_in_paper_order():
@@ -134,6 +134,27 @@ def test_table_groups_seeds_in_paper_order():
     assert body[0] == "| method | static-mnist | caltech101 |"
     assert [line.split("|")[1].strip() for line in body[1:4]] == ["vae", "iwae", "iwem"]
 
+
+
+def test_table_never_pools_runs_of_different_settings():
+    """Runs of one method that differ in a setting (here L and the protocol) get rows of their own,
+    named by it; a run made before a setting existed reads as the paper's value (L = 1)."""
+    base = {"method": "iwem", "dataset": "static-mnist", "model": "mlp", "K": 50, "J": 50}
+    runs = [
+        {**base, "seed": 1, "L": 1, "protocol": "paper", "test_ll": -109.0},
+        {**base, "seed": 2, "test_ll": -111.0},  # older: no L, no protocol
+        {**base, "seed": 1, "L": 50, "protocol": "paper", "test_ll": -107.0},
+        {**base, "seed": 1, "L": 1, "protocol": "official", "test_ll": -105.0},
+        {**base, "method": "iwae", "seed": 1, "L": 1, "protocol": "paper", "test_ll": -108.0},
+    ]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in format_table(runs).splitlines()[4:8]}
+    assert rows == {
+        "iwae L=1 protocol=paper": "-108.00 (1)",
+        "iwem L=1 protocol=official": "-105.00 (1)",
+        "iwem L=1 protocol=paper": "-110.00 ± 1.41 (2)",
+        "iwem L=50 protocol=paper": "-107.00 (1)",
+    }
+    assert "| iwem |" in format_table(runs[:2])  # nothing differs: no settings in the label
 
 
 def test_table_of_missing_data_runs_has_a_column_per_patch_count():

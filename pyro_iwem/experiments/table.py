@@ -1,9 +1,10 @@
 """Table-1-style summaries of finished runs (their ``metrics.json``).
 
-Rows are methods in the paper's order (with K and J when a method was run with several),
-columns data sets (and models, when the runs use several); a cell is ``mean ± std (n)``
-over the runs (seeds) that share its row and column. A second table gives the mean
-wall-clock seconds per run.
+Rows are methods in the paper's order (with K and J when a method was run with several, and
+with every setting of :data:`SETTING_KEYS` in which the runs differ, such as ``L=50`` or
+``protocol=official``), columns data sets (and models, when the runs use several); a cell is
+``mean ± std (n)`` over the runs (seeds) that share its row and column, so runs of different
+experiments are never pooled. A second table gives the mean wall-clock seconds per run.
 """
 
 import csv
@@ -14,7 +15,14 @@ import statistics
 
 from .checkpoint import METRICS, read_json
 from .errors import RunError
-from .setup import ALL_METHOD_ORDER, DATASETS, METHOD_ORDER, MODELS, USES_J
+from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, METHOD_ORDER, MODELS, TRAIN_DEFAULTS, USES_J
+
+#: the run settings besides the row's (method, K, J), the column's (dataset, model, missing
+#: patches) and the seeds: runs of one method that differ in one of them are different
+#: experiments, given rows of their own
+SETTING_KEYS = tuple(
+    k for k in CONFIG_KEYS if k not in ("method", "K", "J", "dataset", "model", "missing_patches", "seed", "data_seed")
+)
 
 
 def find_metrics(paths):
@@ -41,22 +49,31 @@ def _order(value, order):
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-def _row_key(m, with_particles):
+def _setting(m, key):
+    """A run's setting ``key``, read as the paper's for runs made before the key existed."""
+    return m.get(key, LEGACY_CONFIG.get(key, TRAIN_DEFAULTS.get(key)))
+
+
+def _row_key(m, with_particles, varying=()):
+    settings = tuple((key, _setting(m, key)) for key in varying)
     if not with_particles:
-        return (m["method"], None, None)
-    return (m["method"], m.get("K"), m.get("J") if m["method"] in USES_J else None)
+        return (m["method"], None, None, settings)
+    return (m["method"], m.get("K"), m.get("J") if m["method"] in USES_J else None, settings)
+
+
+def _settings_label(settings):
+    return " ".join(f"{key}={value}" for key, value in settings)
 
 
 def _row_label(key):
-    method, K, J = key
-    if K is None:
-        return method
-    return f"{method} K={K}" + (f" J={J}" if J is not None else "")
+    method, K, J, settings = key
+    label = method if K is None else f"{method} K={K}" + (f" J={J}" if J is not None else "")
+    return f"{label} {_settings_label(settings)}" if settings else label
 
 
 def _row_sort(key):
-    method, K, J = key
-    return (_order(method, ALL_METHOD_ORDER), K or 0, J or 0)
+    method, K, J, settings = key
+    return (_order(method, ALL_METHOD_ORDER), K or 0, J or 0, repr(settings))
 
 
 def _col_key(m, with_model):
@@ -92,14 +109,16 @@ def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=No
         runs.append(m)
     combos = {}
     for m in runs:
-        combos.setdefault(m["method"], set()).add(_row_key(m, True)[1:])
+        combos.setdefault(m["method"], set()).add(_row_key(m, True)[1:3])
+    varying = tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs}) > 1)
     if with_particles is None:
         with_particles = any(len(c) > 1 for c in combos.values())
     if with_model is None:
         with_model = len({m.get("model") for m in runs}) > 1
     cells = {}
     for m in runs:
-        cell = cells.setdefault((_row_key(m, with_particles), _col_key(m, with_model)), {"values": [], "wall": []})
+        row = _row_key(m, with_particles, varying)
+        cell = cells.setdefault((row, _col_key(m, with_model)), {"values": [], "wall": []})
         cell["values"].append(float(m[metric]))
         if isinstance(m.get("wall_seconds"), (int, float)):
             cell["wall"].append(float(m["wall_seconds"]))
@@ -146,14 +165,16 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["method", "K", "J", "dataset", "model", "missing_patches", "metric", "mean", "std", "n", "wall_seconds_mean"])
+        writer.writerow(
+            ["method", "K", "J", "settings", "dataset", "model", "missing_patches", "metric", "mean", "std", "n", "wall_seconds_mean"]
+        )
         for r in rows:
             for c in cols:
                 if (r, c) in cells:
                     cell = cells[r, c]
                     mean, std = mean_std(cell["values"])
                     wall = statistics.fmean(cell["wall"]) if cell["wall"] else math.nan
-                    row = [*r, *c, metric, mean, std, len(cell["values"]), wall]
+                    row = [*r[:3], _settings_label(r[3]), *c, metric, mean, std, len(cell["values"]), wall]
                     writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
         return buf.getvalue().rstrip("\n")
     if fmt != "markdown":
@@ -190,7 +211,8 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
 def _settings(metrics_list):
     """One line of the settings shared by all runs (or their ranges)."""
     items = []
-    keys = ("K", "J", "eval_K", "epochs", "n_train", "batch_size", "lr", "steps", "impute_K", "missing_rate", "protocol", "score_inflation")
+    keys = ("K", "J", "L", "eval_K", "epochs", "n_train", "batch_size", "lr", "anneal_increment", "anneal_start", "steps",
+            "impute_K", "missing_rate", "protocol", "score_inflation")
     for key in keys:
         values = sorted({m[key] for m in metrics_list if m.get(key) is not None})
         if len(values) == 1:
