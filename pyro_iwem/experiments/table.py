@@ -61,6 +61,11 @@ def _row_key(m, with_particles, varying=()):
     return (m["method"], m.get("K"), m.get("J") if m["method"] in USES_J else None, settings)
 
 
+def _varying_settings(runs):
+    """The :data:`SETTING_KEYS` in which ``runs`` (metrics dicts) differ."""
+    return tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs}) > 1)
+
+
 def _settings_label(settings):
     return " ".join(f"{key}={value}" for key, value in settings)
 
@@ -110,7 +115,7 @@ def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=No
     combos = {}
     for m in runs:
         combos.setdefault(m["method"], set()).add(_row_key(m, True)[1:3])
-    varying = tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs}) > 1)
+    varying = _varying_settings(runs)
     if with_particles is None:
         with_particles = any(len(c) > 1 for c in combos.values())
     if with_model is None:
@@ -231,16 +236,18 @@ def table_of_paths(paths, metric="test_ll", fmt="markdown"):
 
 
 def save_curves_of_paths(paths, png):
-    """Plot the validation curves of the finished runs under ``paths``, grouped by method
-    (in the paper's order), from each run's checkpoint history."""
+    """Plot the validation curves of the finished runs under ``paths``, grouped as the
+    table's rows are (method in the paper's order, and the settings the runs differ in), from
+    each run's checkpoint history."""
     from .checkpoint import CHECKPOINT, torch_load
     from .images import save_method_curves
 
     records = find_metrics(paths)
+    varying = _varying_settings([m for _, m in records])
     histories = {}
     for path, metrics in records:
         checkpoint = torch_load(path.parent / CHECKPOINT, map_location="cpu")
-        histories.setdefault(metrics["method"], []).append(checkpoint["history"])
-    order = sorted(histories, key=lambda method: _order(method, ALL_METHOD_ORDER))
+        histories.setdefault(_row_key(metrics, False, varying), []).append(checkpoint["history"])
+    order = sorted(histories, key=_row_sort)
     datasets = sorted({m["dataset"] for _, m in records})
-    save_method_curves({method: histories[method] for method in order}, png, title=", ".join(datasets))
+    save_method_curves({_row_label(row): histories[row] for row in order}, png, title=", ".join(datasets))
