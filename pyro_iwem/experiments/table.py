@@ -15,7 +15,7 @@ import statistics
 
 from .checkpoint import METRICS, read_json
 from .errors import RunError
-from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, METHOD_ORDER, MODELS, TRAIN_DEFAULTS, USES_J
+from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, METHOD_ORDER, MODELS, USES_J
 
 #: the run settings besides the row's (method, K, J), the column's (dataset, model, missing
 #: patches) and the seeds: runs of one method that differ in one of them are different
@@ -49,9 +49,19 @@ def _order(value, order):
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
+class _Absent:
+    def __repr__(self):
+        return "absent"
+
+
+#: the setting of a run that has none (an imputation baseline has no learning rate)
+ABSENT = _Absent()
+
+
 def _setting(m, key):
-    """A run's setting ``key``, read as the paper's for runs made before the key existed."""
-    return m.get(key, LEGACY_CONFIG.get(key, TRAIN_DEFAULTS.get(key)))
+    """A run's setting ``key``, read as the paper's for runs made before the key existed
+    (:data:`~.setup.LEGACY_CONFIG`), :data:`ABSENT` for a run that has no such setting."""
+    return m[key] if key in m else LEGACY_CONFIG.get(key, ABSENT)
 
 
 def _row_key(m, with_particles, varying=()):
@@ -62,12 +72,12 @@ def _row_key(m, with_particles, varying=()):
 
 
 def _varying_settings(runs):
-    """The :data:`SETTING_KEYS` in which ``runs`` (metrics dicts) differ."""
-    return tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs}) > 1)
+    """The :data:`SETTING_KEYS` in which ``runs`` (metrics dicts) that have them differ."""
+    return tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs} - {repr(ABSENT)}) > 1)
 
 
 def _settings_label(settings):
-    return " ".join(f"{key}={value}" for key, value in settings)
+    return " ".join(f"{key}={value}" for key, value in settings if value is not ABSENT)
 
 
 def _row_label(key):
