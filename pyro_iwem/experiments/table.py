@@ -18,8 +18,8 @@ from .errors import RunError
 from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, METHOD_ORDER, MODELS, USES_J
 
 #: the run settings besides the row's (method, K, J), the column's (dataset, model, missing
-#: patches) and the seeds: runs of one method that differ in one of them are different
-#: experiments, given rows of their own
+#: patches) and the seeds: runs that differ in one of them are different experiments, and
+#: every row is labelled with its value of each one in which the tabled runs differ
 SETTING_KEYS = tuple(
     k for k in CONFIG_KEYS if k not in ("method", "K", "J", "dataset", "model", "missing_patches", "seed", "data_seed")
 )
