@@ -8,5 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-../runs/caltech101}  # outside the work tree, which a new session lays anew
-.venv/bin/python -m pyro_iwem sweep --methods iwae,iwem --datasets caltech101 --models mlp \
+methods=${METHODS:-iwae,iwem}   # issue #12's converged check of the one-pass step: METHODS=iwem-one-pass
+.venv/bin/python -m pyro_iwem sweep --methods "$methods" --datasets caltech101 --models mlp \
     --seeds 1,2,3 --K 50 --J 50 --cpus-per-run 1 --interval 600 --out "$out"
