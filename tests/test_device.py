@@ -18,7 +18,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoNormal
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -142,7 +141,7 @@ def test_discrete_enumerated_and_autoguide_models_keep_to_the_models_device_and_
     if which == "autoguide":
         model, guide = _autoguide_model, AutoNormal(_autoguide_model)
     else:
-        model, guide = config_enumerate(_discrete_model, default="parallel", expand=False), _discrete_guide
+        model, guide = _discrete_model, _discrete_guide
     with elsewhere():
         for name in ("iwem", "iwae", "vae"):
             pyro.clear_param_store()

@@ -31,6 +31,11 @@ from .util import ModelError
 WIDENED = "Normal (scale × √c), MultivariateNormal (scale_tril × √c), LowRankMultivariateNormal (cov_factor × √c, cov_diag × c)"
 
 
+def is_variance_factor(value):
+    """Whether ``value`` is a variance factor: a real number (not a bool), positive and finite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def inflate(fn, factor):
     r"""``fn`` with its covariance multiplied by ``factor``: :math:`\Sigma \mapsto c\,\Sigma`.
 
@@ -107,10 +112,10 @@ class ProposalInflation(Messenger):
                     "a sequence of factors needs one factor per element of the batch dim `dim` (a negative int), "
                     f"got {len(factor)} factors and dim={dim!r}"
                 )
-            if not all(_positive_number(f) for f in factor):
+            if not all(is_variance_factor(f) for f in factor):
                 raise ValueError(f"every inflation factor must be positive and finite, got {list(factor)}")
             self.factor, self.shape = tuple(float(f) for f in factor), (len(factor),) + (1,) * (-1 - dim)
-        elif _positive_number(factor):
+        elif is_variance_factor(factor):
             self.factor, self.shape = factor, None
         else:
             raise ValueError(f"the inflation factor must be a positive finite number, got {factor!r}")
@@ -130,10 +135,6 @@ class ProposalInflation(Messenger):
                 f"guide site '{msg['name']}' has a {_describe(msg['fn'])} proposal, which cannot be inflated: "
                 f"proposal inflation widens {WIDENED}, also inside .to_event(), masks and expansions"
             ) from None
-
-
-def _positive_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def _unwrapped(fn):

@@ -1,15 +1,14 @@
 """Importance weighted EM (IWEM), Algorithm 2 of Kim, Hwang & Kim (AISTATS 2020)."""
 
-import math
-import numbers
-
 import pyro.optim
 import torch
 
 from .annealing import Annealing, NoAnnealing
+from .inflation import is_variance_factor
 from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss, shared_draw_gradients
 from .objectives import effective_sample_size, log_mean_exp, snis_objective
 from .util import ModelError, warn_once
+
 
 class _PaperAnnealing:
     """The default of ``IWEM(annealing=...)``: a fresh ``Annealing()`` per instance."""
@@ -23,7 +22,7 @@ _PAPER_ANNEALING = _PaperAnnealing()
 
 def check_inflation(name, value):
     """``value`` as a float variance factor: positive and finite."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+    if not is_variance_factor(value):
         raise ValueError(f"{name} must be a positive finite number (a variance factor), got {value!r}")
     return float(value)
 
