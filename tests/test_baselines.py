@@ -472,7 +472,7 @@ def test_methods_registry_names():
 def test_build_method_builds_and_steps_every_method(name):
     m = PPCA(D=3, d=1)
     x = torch.randn(8, 3, dtype=T) * 2
-    L = 1 if name == "iwem-one-pass" else 2  # the one-pass step averages its K particles and refuses any other L
+    L = 2 if name in ("iwem", "iwem-woo") else 1  # the others have no ELBO term of L particles, and refuse L != 1
     method = build_method(name, m.model, m.guide, K=4, J=3, L=L, optim=pyro.optim.SGD({"lr": 0.01}))
     loss = method.step(x)
     assert isinstance(loss, float) and math.isfinite(loss)

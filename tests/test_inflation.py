@@ -353,8 +353,10 @@ def test_bad_options_are_refused_with_the_argument_named():
                 IWEM(m.model, m.guide, **{name: value})
     with pytest.raises(ValueError, match=r"p_step_inflation \(1.0\) must equal proposal_inflation \(1.5\)"):
         IWEM(m.model, m.guide, one_pass=True, proposal_inflation=C, p_step_inflation=1.0)
-    with pytest.raises(ValueError, match="one_pass=True.*L is unused, got L=2"):
+    with pytest.raises(ValueError, match=r"got L=2; IWEM\(one_pass=True\) averages"):
         IWEM(m.model, m.guide, one_pass=True, L=2)
+    with pytest.raises(ValueError, match="got L=2; with annealing=None"):
+        IWEM(m.model, m.guide, annealing=None, L=2)
     with pytest.raises(ValueError, match="log_p_offset.*'iwae' has no"):
         IWEM(m.model, m.guide, proposal="iwae", log_p_offset=1.0)
     with pytest.raises(ValueError, match="log_p_offset"):

@@ -27,9 +27,6 @@ ALL_METHOD_ORDER = METHOD_ORDER + MISSING_METHOD_ORDER
 USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa", "miss-iwem", "miss-iwem-woa")
 #: Methods with IWEM's optimal P-step (eq. 7), whose |log p| ``--log-p-offset`` shifts.
 OPTIMAL_P_STEP = tuple(m for m in IWEM_METHODS if m != "iwem-woo")
-#: Methods whose annealed E-step draws L particles of its own for the ELBO term (``--L``): not the
-#: woa variants (α ≡ 1) and not the one-pass step (it averages its K particles).
-ELBO_TERM_METHODS = tuple(m for m in IWEM_METHODS if m != "iwem-one-pass" and not m.endswith("-woa"))
 #: Models whose encoder scale ``--encoder-scale`` chooses (:data:`~pyro_iwem.models.layers.SCALE_LINKS`).
 MLP_MODELS = ("mlp", "mlp2")
 #: The protocols of ``train --protocol`` (docs/protocols.md): the paper's, and the authors' code's.
@@ -232,20 +229,13 @@ def make_method(config, model, annealing=None):
     if annealing is None:
         start = config.get("anneal_start", 0.0)
         annealing = Annealing(config.get("anneal_increment", 0.01), every=1, start=start, unit="epoch")
-    L = config.get("L", 1)
-    if L != 1 and config["method"] not in ELBO_TERM_METHODS:
-        raise ValueError(
-            f"--L is the ELBO samples of the annealed E-step of {', '.join(ELBO_TERM_METHODS)}; "
-            f"{config['method']} has no such term (the woa variants have α = 1; iwem-one-pass averages its K particles), "
-            f"got --L {L}"
-        )
     return build_method(
         config["method"],
         model.model,
         model.guide,
         K=config["K"],
         J=config["J"],
-        L=L,
+        L=config.get("L", 1),
         optim=pyro.optim.Adam({"lr": config["lr"]}),
         annealing=annealing,
         proposal_inflation=config.get("proposal_inflation", 1.0),

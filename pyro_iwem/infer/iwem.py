@@ -86,7 +86,7 @@ class IWEM:
     :param int K: E-step importance samples (default 50).
     :param int J: P-step samples (default 50).
     :param int L: ELBO samples of the annealed E-step (default 1; the one-pass step averages
-        its K particles instead and takes no other value).
+        its K particles instead, and ``annealing=None`` has no ELBO term: both refuse any other value).
     :param pyro.optim.PyroOptim optim: stepped on θ and φ separately (default Adam, lr 5e-4).
     :param Annealing annealing: the controller α (default ``Annealing()``: +0.01 every 500
         steps, the paper's per-epoch schedule at 50 000 data and batch 100); ``None`` means
@@ -173,8 +173,12 @@ class IWEM:
         self.p_step_inflation = check_inflation(
             "p_step_inflation", proposal_inflation if p_step_inflation is None else p_step_inflation
         )
-        if one_pass and self.L != 1:
-            raise ValueError(f"IWEM(one_pass=True) averages its ELBO term over its K particles: L is unused, got L={L}")
+        if self.L != 1 and (one_pass or annealing is None):
+            raise ValueError(
+                f"L is the number of particles IWEM draws for the ELBO term of its annealed E-step, got L={L}; "
+                + ("IWEM(one_pass=True) averages that term over its K particles" if one_pass else
+                   "with annealing=None (α ≡ 1) there is no such term")
+            )
         if one_pass and self.p_step_inflation != self.proposal_inflation:
             raise ValueError(
                 f"IWEM(one_pass=True) draws one set of particles for both steps: p_step_inflation "

@@ -52,7 +52,7 @@ def _iwem(annealed=True, **options):
 MISSING_DATA_INPUTS = {"miss-iwae": ZeroFilledInputs, "miss-iwem": ImputedInputs, "miss-iwem-woa": ImputedInputs}
 
 #: IWEM's options that only the IWEM methods take, with the values that mean "as the paper has it".
-IWEM_OPTIONS = {"proposal_inflation": (1.0,), "p_step_inflation": (None, 1.0), "log_p_offset": (0.0,)}
+IWEM_OPTIONS = {"L": (1,), "proposal_inflation": (1.0,), "p_step_inflation": (None, 1.0), "log_p_offset": (0.0,)}
 
 METHODS = {
     "vae": _svi(VAELoss),
@@ -94,6 +94,8 @@ def build_method(
         refuse any value but the paper's (here and for the two options below).
     :param p_step_inflation: :class:`IWEM`'s option, for the IWEM methods only.
     :param log_p_offset: :class:`IWEM`'s option, for the IWEM methods with the optimal P-step.
+    :param int L: :class:`IWEM`'s ELBO samples, for the IWEM methods only (the others refuse any
+        value but 1).
     :param plates: ``max_plate_nesting`` and ``data_plate``, passed on.
     """
     if name not in METHODS:
@@ -103,6 +105,7 @@ def build_method(
     options = {"proposal_inflation": proposal_inflation, "p_step_inflation": p_step_inflation, "log_p_offset": log_p_offset}
     if name in IWEM_METHODS:
         return METHODS[name](model, guide, K, J, L, optim, annealing, iwem_options=options, **plates)
+    options["L"] = L
     given = [key for key, value in options.items() if value not in IWEM_OPTIONS[key]]
     if given:
         raise ValueError(
