@@ -18,8 +18,9 @@ from PIL import Image
 from pyro_iwem.data import data_root_exists
 from pyro_iwem.experiments import evaluate
 from pyro_iwem.experiments.checkpoint import torch_load
-from pyro_iwem.experiments.cli import build_parser, main
+from pyro_iwem.experiments.cli import main
 from pyro_iwem.experiments.images import grid_size
+from pyro_iwem.experiments.options import TrainConfig
 from pyro_iwem.experiments.table import format_table
 from pyro_iwem.experiments.train import Trainer
 from pyro_iwem.infer import IWAELoss
@@ -202,8 +203,8 @@ def test_anneal_start_sets_alpha_in_the_first_epoch(tmp_path, capsys):
 
 
 def test_L_reaches_the_e_step_of_the_iwem_methods_only(tmp_path, capsys):
-    args = build_parser().parse_args(["train", *DIGITS, "--method", "iwem", "--L", "4", *TINY, "--out", str(tmp_path / "a")])
-    trainer = Trainer(args).prepare()
+    settings = TrainConfig.from_argv(["train", *DIGITS, "--method", "iwem", "--L", "4", *TINY, "--out", str(tmp_path / "a")])
+    trainer = Trainer(settings).prepare()
     assert trainer.method.L == 4 and trainer.config["L"] == 4
     for method in ("iwae", "iwem-woa", "iwem-one-pass"):  # no ELBO term of their own: refused, naming L
         line = one_error_line(capsys, train(tmp_path / method, "--L", "4", method=method))

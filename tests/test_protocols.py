@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pyro_iwem.experiments.checkpoint import BEST, CHECKPOINT, atomic_torch_save, torch_load
-from pyro_iwem.experiments.cli import build_parser, main
+from pyro_iwem.experiments.cli import main
 from pyro_iwem.experiments.evaluate import load_run, mean_log_likelihood, score_key
+from pyro_iwem.experiments.options import TrainConfig
 from pyro_iwem.experiments.setup import LEGACY_CONFIG
 from pyro_iwem.experiments.train import Trainer
 from pyro_iwem.models.layers import GaussianHead
@@ -24,11 +25,11 @@ SMALL = [a for i, a in enumerate(TINY) if a != "--valid-K" and TINY[i - 1] != "-
 
 def prepared(tmp_path, *argv, method="iwem", model="mlp"):
     """A :class:`Trainer` set up (data, model, method) from ``train`` arguments, not run."""
-    args = build_parser().parse_args(
+    settings = TrainConfig.from_argv(
         ["train", "--dataset", "digits-8x8", "--model", model, "--method", method, *SMALL, *argv,
          "--out", str(tmp_path / f"{method}-{model}")]
     )
-    return Trainer(args).prepare()
+    return Trainer(settings).prepare()
 
 
 def settings(config):
@@ -68,7 +69,7 @@ def test_official_protocol_reaches_the_method_and_the_model(tmp_path):
     for inflation in (1.5, 1.0, None):
         pyro.set_rng_seed(7)
         scores[inflation] = trainer.validate() if inflation is None else mean_log_likelihood(
-            trainer.model, trainer.data, "valid", 50, trainer.args.eval_batch_size, inflation=inflation
+            trainer.model, trainer.data, "valid", 50, trainer.settings.eval_batch_size, inflation=inflation
         )
     assert scores[None] == scores[1.5] != scores[1.0]
 

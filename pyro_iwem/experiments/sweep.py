@@ -1,7 +1,9 @@
 """Grids of runs on Ray, from a laptop to a cluster.
 
 Every configuration of a sweep is one Ray task that trains it in a run directory of its own,
-``SWEEP_DIR/<dataset>-<model>-<method>-K<K>-J<J>-s<seed>``, as ``train --resume`` does:
+``SWEEP_DIR/<dataset>-<model>-<method>-K<K>-J<J>-s<seed>``, as ``train --resume`` does: the
+driver turns the run's ``train`` command line into a :class:`~.options.TrainConfig`, which the
+task hands to a :class:`~.train.Trainer` (the command line itself is only printed):
 
 - **where**: with no address, Ray starts on this machine and runs as many runs at once as
   ``cpus_per_run`` / ``gpus_per_run`` allow; with an address (``"auto"``, ``"HOST:PORT"``,
@@ -32,6 +34,7 @@ import time
 
 from .checkpoint import METRICS, atomic_path, atomic_write_json, read_json
 from .errors import RunError
+from .options import TrainConfig
 from .setup import USES_J, run_name
 from .table import format_table
 
@@ -131,18 +134,23 @@ def _auth_token_available():
     return pathlib.Path(path).is_file()
 
 
-def train_task(argv, name, board):
-    """One run, in a Ray worker: ``train`` with ``argv`` in this process, reporting to
-    ``board`` (a :class:`ProgressBoard` actor) once set up and after every epoch; returns
-    the run's metrics. Records the attempt in ``RUN_DIR/attempt.json`` first."""
-    from .cli import build_parser
-    from .train import Trainer
-
+def train_config(argv):
+    """The :class:`~.options.TrainConfig` of ``train`` arguments (:func:`train_argv`), or a
+    :class:`RunError` naming them."""
     try:
-        args = build_parser().parse_args(argv)
+        return TrainConfig.from_argv(argv)
     except SystemExit:
         raise RunError(f"bad train arguments: {shlex.join(argv)}") from None
-    run_dir = pathlib.Path(args.out)
+
+
+def train_task(settings, name, board):
+    """One run, in a Ray worker: ``train`` with ``settings`` (a :class:`~.options.TrainConfig`)
+    in this process, reporting to ``board`` (a :class:`ProgressBoard` actor) once set up and
+    after every epoch; returns the run's metrics. Records the attempt in
+    ``RUN_DIR/attempt.json`` first."""
+    from .train import Trainer
+
+    run_dir = pathlib.Path(settings.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     attempt = {"attempt": _next_attempt(run_dir), "host": socket.gethostname(), "pid": os.getpid()}
     atomic_write_json(attempt | {"started": datetime.datetime.now().isoformat(timespec="seconds")}, run_dir / ATTEMPT)
@@ -150,8 +158,8 @@ def train_task(argv, name, board):
     def report_epoch(record):
         board.report.remote(name, epoch=record["epoch"], valid_ll=record["valid_ll"])
 
-    trainer = Trainer(args, on_epoch=[report_epoch]).prepare()
-    board.report.remote(name, state="running", epoch=trainer.epoch, epochs=trainer.args.epochs, **attempt)
+    trainer = Trainer(settings, on_epoch=[report_epoch]).prepare()
+    board.report.remote(name, state="running", epoch=trainer.epoch, epochs=trainer.settings.epochs, **attempt)
     return trainer.run()
 
 
@@ -262,10 +270,11 @@ class Sweep:
             retry_exceptions=False,
             max_calls=1,  # a fresh process per run: no state carried between runs
         )(train_task)
+        settings = {name: train_config(self.argv(run, name)) for run, name in todo}  # all checked before any runs
         pending = {}
         for run, name in todo:
             self.print(f"submit {name}: {shlex.join(train_command(run, self.sweep_dir / name, self.extra_argv))}")
-            pending[task.options(name=name).remote(self.argv(run, name), name, board)] = name
+            pending[task.options(name=name).remote(settings[name], name, board)] = name
         last_summary = 0.0
         try:
             while pending:

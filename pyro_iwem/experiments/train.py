@@ -7,6 +7,7 @@ At the end: the test log-likelihood of the best-validation parameters, ``metrics
 sample grid and the learning curve.
 """
 
+import dataclasses
 import math
 import pathlib
 import sys
@@ -35,7 +36,6 @@ from .checkpoint import (
 )
 from .errors import RunError, TrainingDiverged
 from .evaluate import completions, gib, mean_log_likelihood, score_key, test_log_likelihood
-from .figures import subset_variances, summary, variance_metrics, variance_subset
 from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
     CONFIG_KEYS,
@@ -54,6 +54,7 @@ from .setup import (
     run_config,
 )
 from .tensorboard import ScalarLog
+from .variance import subset_variances, summary, variance_metrics, variance_subset
 
 
 class _RunningMean:
@@ -79,26 +80,30 @@ def _fmt(value, spec=".2f"):
 
 
 class Trainer:
-    """One training run, from parsed ``train`` arguments (see :mod:`.cli`).
+    """One training run, from its :class:`~.options.TrainConfig` (``train``'s options).
 
     :meth:`prepare` checks the run directory, loads the data, builds the model and the
     method and, with ``resume``, restores the checkpoint; it raises :class:`RunError` or
     :class:`~pyro_iwem.data.DataFileError` for bad arguments or missing data.
     :meth:`run` trains and evaluates and returns the metrics.
 
-    :param args: an ``argparse.Namespace`` of the ``train`` options; options left ``None``
-        take the checkpoint's values when resuming and :data:`TRAIN_DEFAULTS` otherwise.
-    :param out: where progress lines go (default ``sys.stdout``; none with ``args.quiet``).
+    :param settings: a :class:`~.options.TrainConfig`; settings left ``None`` take the
+        checkpoint's values when resuming and :data:`TRAIN_DEFAULTS` otherwise. It is not
+        changed: :attr:`settings` is, once prepared, a filled-in copy of it.
+    :param out: where progress lines go (default ``sys.stdout``; none with ``settings.quiet``).
     :param on_epoch: callables ``f(record)``, called with each epoch's history record once
         its checkpoint is written (e.g. a sweep's progress report).
+
+    :attr:`config` is the dict of the settings that define the run (:data:`CONFIG_KEYS`), as
+    checkpoints and ``metrics.json`` record it.
     """
 
-    def __init__(self, args, out=None, on_epoch=()):
-        self.args = args
-        self.quiet = bool(getattr(args, "quiet", False))
+    def __init__(self, settings, out=None, on_epoch=()):
+        self.settings = settings
+        self.quiet = settings.quiet
         self.out_stream = out
         self.on_epoch = list(on_epoch)
-        self.run_dir = pathlib.Path(args.out)
+        self.run_dir = pathlib.Path(settings.out)
         self.checkpoint = None
 
     def log(self, message):
@@ -107,16 +112,16 @@ class Trainer:
 
     # --- setting up -------------------------------------------------------------------
     def _check_run_dir(self):
-        args = self.args
-        if args.resume and args.force:
+        s = self.settings
+        if s.resume and s.force:
             raise RunError("--resume and --force exclude each other")
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunError(f"--out {self.run_dir} exists and is not a directory")
         ckpt_path = self.run_dir / CHECKPOINT
         finished = (self.run_dir / METRICS).is_file()
-        if args.force:  # the old files are removed once the new run is set up (prepare)
+        if s.force:  # the old files are removed once the new run is set up (prepare)
             return
-        if args.resume:
+        if s.resume:
             if ckpt_path.is_file():
                 self.checkpoint = torch_load(ckpt_path, map_location="cpu")
                 if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -136,10 +141,10 @@ class Trainer:
         """Fill omitted options from the checkpoint (resuming) or the protocol's defaults; check
         that the options defining the run agree with the checkpoint's (a checkpoint from before
         ``--protocol`` reads as the paper's protocol, :data:`~.setup.LEGACY_CONFIG`)."""
-        args = self.args
+        s = self.settings
         saved = {**LEGACY_CONFIG, **self.checkpoint["args"]} if self.checkpoint else {}
         if self.checkpoint:
-            given = {k: getattr(args, k) for k in CONFIG_KEYS if getattr(args, k) is not None}
+            given = {k: getattr(s, k) for k in CONFIG_KEYS if getattr(s, k) is not None}
             clash = [f"{k} {v!r} (checkpoint: {saved.get(k)!r})" for k, v in given.items() if saved.get(k) != v]
             if clash:
                 raise RunError(
@@ -148,21 +153,22 @@ class Trainer:
                 )
 
         def chosen(key):
-            return getattr(args, key, None) or saved.get(key) or TRAIN_DEFAULTS[key]
+            return getattr(s, key, None) or saved.get(key) or TRAIN_DEFAULTS[key]
 
         defaults = protocol_defaults(chosen("protocol"), chosen("method"), chosen("model"))
-        for key, default in defaults.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, saved.get(key, default))
-        if args.valid_K is None:  # the official code validates with the training K (its num_sam)
-            args.valid_K = args.K
-        if args.p_step_inflation is None:  # an IWEM method's P-step draws as its E-step does
-            args.p_step_inflation = args.proposal_inflation if args.method in IWEM_METHODS else 1.0
-        if args.dataset is None:
+        s = dataclasses.replace(
+            s, **{key: saved.get(key, default) for key, default in defaults.items() if getattr(s, key) is None}
+        )
+        if s.valid_K is None:  # the official code validates with the training K (its num_sam)
+            s = dataclasses.replace(s, valid_K=s.K)
+        if s.p_step_inflation is None:  # an IWEM method's P-step draws as its E-step does
+            s = dataclasses.replace(s, p_step_inflation=s.proposal_inflation if s.method in IWEM_METHODS else 1.0)
+        if s.dataset is None:
             raise RunError("the following arguments are required: --dataset")
-        if args.epochs < 1:
-            raise RunError(f"--epochs must be >= 1, got {args.epochs}")
-        check_missing_data(vars(args))
+        if s.epochs < 1:
+            raise RunError(f"--epochs must be >= 1, got {s.epochs}")
+        check_missing_data(dataclasses.asdict(s))
+        self.settings = s
 
     def prepare(self):
         try:
@@ -173,24 +179,25 @@ class Trainer:
     def _prepare(self):
         self._check_run_dir()
         self._fill_options()
-        args = self.args
-        self.config = run_config(args)
-        self.device = resolve_device(args.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        s = self.settings
+        self.config = run_config(s)
+        self.device = resolve_device(s.device)
+        if s.threads:
+            torch.set_num_threads(s.threads)
 
         pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        self.data = load_data(self.config, args.data_root)
+        pyro.set_rng_seed(s.seed)
+        self.data = load_data(self.config, s.data_root)
         self.model = make_model(self.config, self.data, self.device)
-        if args.log_p_offset is None:  # the protocol's constant depends on the model's latent size
-            args.log_p_offset = protocol_log_p_offset(args.protocol, args.method, self.model)
-            self.config = run_config(args)
+        if s.log_p_offset is None:  # the protocol's constant depends on the model's latent size
+            offset = protocol_log_p_offset(s.protocol, s.method, self.model)
+            self.settings = s = dataclasses.replace(s, log_p_offset=offset)
+            self.config = run_config(s)
         self.method = make_method(self.config, self.model)
         self.variance_inputs = None
-        if args.record_variance:  # the fixed subset of Figure 1
+        if s.record_variance:  # the fixed subset of Figure 1
             self.variance_inputs = variance_subset(
-                self.data, args.record_variance, args.seed, self.device, with_mask=args.method in MISSING_DATA_INPUTS
+                self.data, s.record_variance, s.seed, self.device, with_mask=s.method in MISSING_DATA_INPUTS
             )
 
         self.epoch = 0
@@ -202,7 +209,7 @@ class Trainer:
         self.prior_seconds = 0.0
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
-        if args.force:
+        if s.force:
             for name in RUN_FILES:
                 (self.run_dir / name).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +230,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
     @property
     def done(self):
-        return self.epoch >= self.args.epochs or self.bad_epochs >= self.args.patience
+        return self.epoch >= self.settings.epochs or self.bad_epochs >= self.settings.patience
 
     def train_epoch(self):
         """One pass over the training batches; returns ``(loss per datum, mean ESS, α, mean bound)``.
@@ -233,17 +240,17 @@ class Trainer:
         to set beside IWAE's loss."""
         from tqdm.auto import tqdm
 
-        args, method = self.args, self.method
+        s, method = self.settings, self.method
         alpha = method.alpha
-        masked = bool(args.missing_patches)
+        masked = bool(s.missing_patches)
         batches = self.data.batches(
-            "train", args.batch_size, epoch=self.epoch, seed=args.seed, device=self.device, with_mask=masked
+            "train", s.batch_size, epoch=self.epoch, seed=s.seed, device=self.device, with_mask=masked
         )
-        total = self.data.num_batches("train", args.batch_size)
+        total = self.data.num_batches("train", s.batch_size)
         bar = tqdm(
             batches,
             total=total,
-            desc=f"epoch {self.epoch + 1}/{args.epochs}",
+            desc=f"epoch {self.epoch + 1}/{s.epochs}",
             disable=self.quiet,
             leave=False,
             dynamic_ncols=True,
@@ -272,11 +279,11 @@ class Trainer:
         return loss_sum / count, means["ESS"].value, alpha, means["bound"].value
 
     def validate(self):
-        args = self.args
+        s = self.settings
         with torch.no_grad():
             return mean_log_likelihood(
-                self.model, self.data, "valid", args.valid_K, args.eval_batch_size, self.device,
-                args.score_inflation, gib(args.eval_memory),
+                self.model, self.data, "valid", s.valid_K, s.eval_batch_size, self.device,
+                s.score_inflation, gib(s.eval_memory),
             )
 
     def record_variance(self):
@@ -286,11 +293,11 @@ class Trainer:
         empty without the option."""
         if self.variance_inputs is None:
             return {}
-        args = self.args
+        s = self.settings
         start = time.perf_counter()
         with torch.no_grad():
             variances = subset_variances(
-                self.model, args.method, args.K, self.variance_inputs, args.variance_repeats, args.seed, self.epoch
+                self.model, s.method, s.K, self.variance_inputs, s.variance_repeats, s.seed, self.epoch
             )
         return summary(variances) | {"variance_seconds": time.perf_counter() - start}
 
@@ -314,12 +321,13 @@ class Trainer:
         )
 
     def _args_dict(self):
-        skip = {"func", "command", "resume", "force", "quiet", "out"}
-        return {k: v for k, v in vars(self.args).items() if k not in skip}
+        """The checkpoint's ``args``: the settings, less where the run's files go and how to treat them."""
+        skip = {"resume", "force", "quiet", "out"}
+        return {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings) if f.name not in skip}
 
     def run(self):
         """Train until ``--epochs`` or early stopping, then evaluate; returns the metrics."""
-        args = self.args
+        s = self.settings
         start = time.perf_counter()
         if self.done and (self.run_dir / METRICS).is_file():
             metrics = read_json(self.run_dir / METRICS)
@@ -328,7 +336,7 @@ class Trainer:
         (self.run_dir / METRICS).unlink(missing_ok=True)  # present only for finished runs
         if self.epoch:
             self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
-        scalar_log = ScalarLog(self.run_dir, self.history) if getattr(args, "tensorboard", False) else None
+        scalar_log = ScalarLog(self.run_dir, self.history) if s.tensorboard else None
         listeners = self.on_epoch + ([scalar_log.add] if scalar_log else [])
         while not self.done:
             epoch_start = time.perf_counter()
@@ -346,7 +354,7 @@ class Trainer:
                         "config": self.config,
                         "epoch": self.epoch,
                         "valid_ll": valid_ll,
-                        "data_root": self.args.data_root,
+                        "data_root": s.data_root,
                     },
                     self.run_dir / BEST,
                 )
@@ -369,13 +377,13 @@ class Trainer:
             )
             self.save_checkpoint(self.prior_seconds + time.perf_counter() - start)
             self.log(
-                f"epoch {self.epoch}/{args.epochs}  loss/datum {loss:.3f}  valid LL {valid_ll:.3f}"
+                f"epoch {self.epoch}/{s.epochs}  loss/datum {loss:.3f}  valid LL {valid_ll:.3f}"
                 f"{' (best)' if improved else ''}  α {_fmt(alpha)}  ESS {_fmt(ess)}  bound {_fmt(bound)}  {seconds:.1f} s"
                 + (f"  Var(Q̂) {variance['var_q_hat']:.4g}  Var(ELBO) {variance['var_elbo']:.4g}" if variance else "")
             )
             for listener in listeners:
                 listener(self.history[-1])
-        if self.bad_epochs >= args.patience:
+        if self.bad_epochs >= s.patience:
             self.log(f"early stop: no validation gain in {self.bad_epochs} epochs at α = 1")
         metrics = self.finish(self.prior_seconds + time.perf_counter() - start)
         if scalar_log:
@@ -385,40 +393,40 @@ class Trainer:
 
     # --- the end --------------------------------------------------------------------------
     def finish(self, train_wall_seconds):
-        args, data = self.args, self.data
+        s, data = self.settings, self.data
         eval_start = time.perf_counter()
         if self.best_state is not None:  # None only if no validation score was finite
             self.model.load_state_dict(self.best_state)
         with torch.no_grad():
             test_ll = test_log_likelihood(
-                self.model, data, args.eval_K, args.seed, args.eval_batch_size, self.device, args.score_inflation,
-                gib(args.eval_memory),
+                self.model, data, s.eval_K, s.seed, s.eval_batch_size, self.device, s.score_inflation,
+                gib(s.eval_memory),
             )
         eval_seconds = time.perf_counter() - eval_start
-        pyro.set_rng_seed(args.seed)
+        pyro.set_rng_seed(s.seed)
         save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
-        title = f"{args.dataset} {args.model} {args.method} K={args.K} J={args.J} seed={args.seed}"
-        if args.missing_patches:
-            title += f", {args.missing_patches} patches missing"
+        title = f"{s.dataset} {s.model} {s.method} K={s.K} J={s.J} seed={s.seed}"
+        if s.missing_patches:
+            title += f", {s.missing_patches} patches missing"
         save_learning_curve(self.history, self.run_dir / CURVE, title)
-        if args.missing_patches:
-            pyro.set_rng_seed(args.seed)
+        if s.missing_patches:
+            pyro.set_rng_seed(s.seed)
             with torch.no_grad():
-                columns = completions(self.model, data, args.method, args.missing_patches, args.data_seed, device=self.device)
+                columns = completions(self.model, data, s.method, s.missing_patches, s.data_seed, device=self.device)
             save_completion_grid(columns, data.image_shape, self.run_dir / COMPLETIONS, title)
         sizes = data.sizes()
         epoch_seconds = [h["seconds"] for h in self.history]
         metrics = {
             **self.config,
             "test_ll": test_ll,
-            score_key(args.eval_K, args.score_inflation): test_ll,
+            score_key(s.eval_K, s.score_inflation): test_ll,
             "best_valid_ll": self.best_valid,
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,
-            "max_epochs": args.epochs,
-            "early_stopped": self.bad_epochs >= args.patience,
-            "patience": args.patience,
-            "eval_K": args.eval_K,
+            "max_epochs": s.epochs,
+            "early_stopped": self.bad_epochs >= s.patience,
+            "patience": s.patience,
+            "eval_K": s.eval_K,
             "n_train": sizes["train"],
             "n_valid": sizes["valid"],
             "n_test": sizes["test"],
@@ -429,10 +437,10 @@ class Trainer:
             "wall_seconds": train_wall_seconds + eval_seconds,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
-            "data_root": str(data_root(args.data_root)),
+            "data_root": str(data_root(s.data_root)),
             "note": data.note,
             **variance_metrics(
-                self.history, len(self.variance_inputs[0]) if self.variance_inputs else None, args.variance_repeats, args.K
+                self.history, len(self.variance_inputs[0]) if self.variance_inputs else None, s.variance_repeats, s.K
             ),
         }
         atomic_write_json(metrics, self.run_dir / METRICS)

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .traces import ParticleSampler
+from .util import device_of
 
 #: particles of the first chunk when the chunk size is chosen from a memory budget
 PROBE_PARTICLES = 16
@@ -66,7 +67,7 @@ def iwae_bound(
             if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
                 n = PROBE_PARTICLES
                 chunk_size, particles = budget_chunk(
-                    lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, _device(args)
+                    lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, device_of(args)
                 )
             else:
                 n = min(chunk_size or remaining, remaining)
@@ -136,7 +137,3 @@ class _LiveTensorBytes(TorchDispatchMode):
         if entry[1] == 0:
             self.live -= entry[0]
             del self.storages[pointer]
-
-
-def _device(args):
-    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)

@@ -2,10 +2,11 @@ r"""θ and φ by what each density depends on, found from the autograd graph.
 
 IWEM steps two groups of parameters with two objectives: the M-step steps θ, the parameters
 :math:`\log p(x, z; \theta)` depends on with the latents :math:`z` held fixed; the P-step
-steps φ, the parameters the guide's distributions depend on, less θ (DESIGN §2: the P-step
-never updates θ, even when a proposal calls the decoder). Which Pyro program *registers* a
-parameter does not decide it: a network registered whole in model and guide with one
-``pyro.module`` (Pyro's semi-supervised VAE) has its decoder in θ and its encoder in φ.
+steps φ, the parameters the guide's distributions depend on, less θ (docs/iwem.md, "θ and φ
+from the graph": the P-step never updates θ, even when a proposal calls the decoder). Which Pyro
+program *registers* a parameter does not decide it: a network registered whole in model and
+guide with one ``pyro.module`` (Pyro's semi-supervised VAE) has its decoder in θ and its encoder
+in φ.
 
 The split is read off the graph of one draw of particles: the leaves reachable from
 :math:`\log p` without passing through a latent value the guide drew are θ; those reachable

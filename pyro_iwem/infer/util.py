@@ -1,4 +1,5 @@
-"""Errors and warnings the machinery raises about a user's model and guide."""
+"""Errors and warnings the machinery raises about a user's model and guide, and small helpers
+shared by its modules."""
 
 import os
 import sys
@@ -31,3 +32,8 @@ def _caller_stacklevel():
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def device_of(args):
+    """The device of the first tensor among ``args`` (``None`` if there is none)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)

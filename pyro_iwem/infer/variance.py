@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from .evaluation import _device, budget_chunk
+from .evaluation import budget_chunk
 from .traces import ParticleSampler
+from .util import device_of
 
 
 class VarianceEstimate(NamedTuple):
@@ -119,7 +120,7 @@ def estimate_variance(
                 particles = draw(repeats)
             elif chunk_size is None:
                 repeats = 1
-                chunk, particles = budget_chunk(lambda: draw(repeats), K, memory_budget, _device(args))
+                chunk, particles = budget_chunk(lambda: draw(repeats), K, memory_budget, device_of(args))
                 chunk_size = max(1, chunk // K)
             else:
                 repeats = min(chunk_size, num_repeats - done)
