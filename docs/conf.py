@@ -43,7 +43,7 @@ highlight_language = "none"  # literal blocks without a language (usage lines, d
 # libraries around us, which have no inventories here (nothing is fetched at build time).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|pyro|numpy|argparse|os|pathlib)(\..*)?"),
+    (r"py:.*", r"(torch|pyro|numpy|argparse|os|pathlib|enum)(\..*)?"),
     (r"py:class", r"Module"),  # torch.nn.Module.forward's docstring, inherited by the layers
 ]
 

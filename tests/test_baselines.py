@@ -31,10 +31,11 @@ from pyro_iwem import (
     VAELoss,
     build_method,
 )
-from pyro_iwem.infer import METHODS, snis_objective
+from pyro_iwem.infer import METHODS, OnePassIWEM, snis_objective
 
 COMPLETE_DATA_METHODS = [name for name in METHODS if not name.startswith("miss-")]
 from pyro_iwem.infer.losses import ParticleLoss
+from pyro_iwem.infer.transforms import StopProposalParams
 from pyro_iwem.infer.methods import SVIStep
 from tests.gaussian_models import PPCA, TwoLayerGaussian, one_weight_model
 
@@ -262,7 +263,7 @@ def test_phi_gradients_equal_the_closed_form_on_the_same_particles(loss_class, e
     K = 6
     loss = loss_class(K)
     particles = loss.sampler(m.model, m.guide)(
-        K, (x,), {}, grad_guide=True, stop_proposal_params=loss.stop_proposal_params
+        K, (x,), {}, grad_guide=True, transforms=[StopProposalParams(loss_class.__name__)] if loss.stop_proposal_params else []
     )
     loss.grads_from_particles(particles)
     z = particles.guide_trace.nodes["z"]["value"].detach()
@@ -354,7 +355,7 @@ def test_theta_gradients_of_stl_and_dreg_equal_iwae_on_the_same_particles():
     for loss in (STLLoss(K), DReGLoss(K)):
         clear_grads()
         pyro.set_rng_seed(7)
-        replayed = loss.sampler(m.model, m.guide)(K, (x,), {}, grad_guide=True, stop_proposal_params=True)
+        replayed = loss.sampler(m.model, m.guide)(K, (x,), {}, grad_guide=True, transforms=[StopProposalParams("STLLoss")])
         torch.testing.assert_close(replayed.log_w, particles.log_w, rtol=0, atol=0)
         loss.grads_from_particles(replayed)
         for name in THETA_PPCA:
@@ -497,7 +498,7 @@ def test_build_method_builds_and_steps_every_method(name):
             "iwem": (IWEM, 0.0, OptimalProposalLoss),
             "iwem-woo": (IWEM, 0.0, IWAELoss),
             "iwem-woa": (IWEM, 1.0, OptimalProposalLoss),
-            "iwem-one-pass": (IWEM, 0.0, OptimalProposalLoss),
+            "iwem-one-pass": (OnePassIWEM, 0.0, OptimalProposalLoss),
         }[name]
         assert method.one_pass == (name == "iwem-one-pass")
         assert type(method) is expected[0]

@@ -11,7 +11,7 @@ import torch
 from pyro_iwem.experiments.evaluate import EVAL_CHUNK, eval_chunk_size, mean_log_likelihood
 from pyro_iwem.infer import iwae_bound
 from pyro_iwem.infer.evaluation import peak_memory
-from pyro_iwem.infer.traces import ParticleSampler
+from pyro_iwem.infer.sampler import ParticleSampler
 from pyro_iwem.models import MLPVAE
 
 

@@ -9,7 +9,8 @@ from pyro.distributions import constraints
 
 from pyro_iwem import IWEM, Annealing
 from pyro_iwem.infer import ParticleSampler, snis_objective
-from pyro_iwem.infer.losses import shared_draw_gradients
+from pyro_iwem.infer.grads import shared_draw_gradients
+from pyro_iwem.infer.transforms import CutLatents, DetachModelProposals
 from pyro_iwem.infer.objectives import iwae_objective, optimal_proposal_objective
 
 D, d = 3, 2
@@ -85,7 +86,7 @@ def only_particle(k):
 
 def draw(sampler, x, cut, seed=7):
     pyro.set_rng_seed(seed)
-    return sampler(5, (x,), {}, grad_guide=True, detach_model_proposals=True, cut_latents=cut)
+    return sampler(5, (x,), {}, grad_guide=True, transforms=(DetachModelProposals(),) + ((CutLatents(),) if cut else ()))
 
 
 def shared_and_reference(model, guide, x, theta_loss, phi_loss):

@@ -11,6 +11,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_iwem import IWEM, observe_masked
 from pyro_iwem.infer import ParticleSampler, snis_objective
+from pyro_iwem.infer.transforms import ReplayGuide
 from tests.gaussian_models import PPCA, TwoLayerGaussian
 
 
@@ -18,7 +19,7 @@ def replaying(sampler, guide_trace):
     """A sampler that replays fixed latents instead of drawing new ones."""
 
     def call(num_particles, args, kwargs, **kw):
-        return ParticleSampler.__call__(sampler, num_particles, args, kwargs, guide_trace=guide_trace, **kw)
+        return ParticleSampler.__call__(sampler, num_particles, args, kwargs, transforms=(ReplayGuide(guide_trace),), **kw)
 
     return call
 
@@ -175,7 +176,7 @@ def test_subsampled_loss_is_unbiased(alpha):
     fixed = sampler(num, (x, everyone), {}, grad_guide=False).guide_trace
 
     def loss(idx):
-        p = sampler(num, (x, idx), {}, guide_trace=datum_trace(fixed, idx))
+        p = sampler(num, (x, idx), {}, transforms=(ReplayGuide(datum_trace(fixed, idx)),))
         assert p.scale == n / len(idx)
         return -(p.scale * snis_objective(p, K, alpha)).sum()
 

@@ -16,7 +16,7 @@ import torch
 from pyro_iwem.data.files import DATA_ENV_VAR
 from pyro_iwem.infer import MISSING_DATA_INPUTS, IWAELoss, Imputer, iwae_bound
 from pyro_iwem.infer.evaluation import PROBE_PARTICLES, budget_chunk
-from pyro_iwem.infer.traces import ParticleSampler
+from pyro_iwem.infer.sampler import ParticleSampler
 from pyro_iwem.models.layers import glorot_init_
 
 from .checkpoint import (

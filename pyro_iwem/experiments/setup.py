@@ -9,7 +9,7 @@ import torch
 from pyro_iwem.data import load_images, resolve_data_root
 from pyro_iwem.data.files import DATA_ENV_VAR
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, build_method
-from pyro_iwem.infer.methods import IWEM_METHODS
+from pyro_iwem.infer.methods import IWEM_METHODS, SPECS
 from pyro_iwem.models import build_model
 from pyro_iwem.models.layers import SCALE_LINKS
 
@@ -17,16 +17,17 @@ from .errors import RunError
 
 DATASETS = ("static-mnist", "dynamic-mnist", "omniglot", "caltech101", "digits-8x8")
 MODELS = ("mlp", "mlp2", "cnn", "cnn-light")
+# What these say of each method comes from its specification (pyro_iwem.infer.methods.SPECS).
 #: The paper's order of methods (Table 1), then this project's one-pass IWEM.
-METHOD_ORDER = ("vae", "iwae", "stl", "dreg", "iwae-em", "iwem-woo", "iwem-woa", "iwem", "iwem-one-pass")
+METHOD_ORDER = tuple(spec.name for spec in SPECS if not spec.missing_data)
 #: Methods for data with missing entries (Table 3), in the paper's order.
-MISSING_METHOD_ORDER = ("miss-iwae", "miss-iwem-woa", "miss-iwem")
+MISSING_METHOD_ORDER = tuple(spec.name for spec in SPECS if spec.missing_data)
 #: Every method of the command line, in the order of the paper's tables.
 ALL_METHOD_ORDER = METHOD_ORDER + MISSING_METHOD_ORDER
 #: Methods that use J (the others draw only K particles).
-USES_J = ("iwae-em", "iwem", "iwem-woo", "iwem-woa", "miss-iwem", "miss-iwem-woa")
+USES_J = tuple(spec.name for spec in SPECS if spec.uses_J)
 #: Methods with IWEM's optimal P-step (eq. 7), whose |log p| ``--log-p-offset`` shifts.
-OPTIMAL_P_STEP = tuple(m for m in IWEM_METHODS if m != "iwem-woo")
+OPTIMAL_P_STEP = tuple(spec.name for spec in SPECS if spec.optimal_p_step)
 #: Models whose encoder scale ``--encoder-scale`` chooses (:data:`~pyro_iwem.models.layers.SCALE_LINKS`).
 MLP_MODELS = ("mlp", "mlp2")
 #: The protocols of ``train --protocol`` (docs/protocols.md): the paper's, and the authors' code's.

@@ -1,11 +1,23 @@
 """Inference: the trace machinery, IWEM and its baselines, annealing, evaluation and the
-E-step's variance."""
+E-step's variance.
+
+Where things go:
+
+* a new objective: a :class:`ParticleLoss` subclass in ``losses.py`` (its ``objectives`` on
+  :class:`Particles`, with ``objectives.py``), or a class beside :class:`IWEM` in ``iwem.py``;
+  what it needs of the graph is a :class:`DrawTransform` (``transforms.py``), gradient helpers
+  are in ``grads.py``; then one ``MethodSpec`` in ``methods.py``'s ``SPECS``;
+* a new kind of site: a :class:`SiteRole`, a branch of ``classify`` and a row of ``TOTALS`` in
+  ``sites.py``; the sampler (``sampler.py``) sums it where the table says; plates are in
+  ``plates.py``, the checks on a user's model in ``checks.py``;
+* a new command-line option: ``pyro_iwem/experiments/options.py``.
+"""
 
 from .annealing import Annealing, NoAnnealing
 from .evaluation import iwae_bound
 from .imputation import Imputer
 from .inflation import ProposalInflation, inflate
-from .iwem import IWEM, IWAEasEM
+from .iwem import IWEM, IWAEasEM, OnePassIWEM
 from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
 from .methods import METHODS, MISSING_DATA_INPUTS, build_method
@@ -18,7 +30,10 @@ from .objectives import (
     optimal_proposal_objective,
     snis_objective,
 )
-from .traces import Particles, ParticleSampler
+from .particles import Particles
+from .sampler import ParticleSampler
+from .sites import SiteRole
+from .transforms import CutLatents, DetachModelProposals, DrawTransform, LatentViews, ReplayGuide, StopProposalParams
 from .variance import VarianceEstimate, estimate_variance
 
 __all__ = [
@@ -28,14 +43,22 @@ __all__ = [
     "METHODS",
     "MISSING_DATA_INPUTS",
     "Annealing",
+    "CutLatents",
     "DReGLoss",
+    "DetachModelProposals",
+    "DrawTransform",
     "IWAELoss",
     "IWAEasEM",
+    "LatentViews",
     "NoAnnealing",
+    "OnePassIWEM",
     "OptimalProposalLoss",
     "ParticleLoss",
     "ParticleSampler",
     "Particles",
+    "ReplayGuide",
+    "SiteRole",
+    "StopProposalParams",
     "ProposalInflation",
     "STLLoss",
     "VAELoss",

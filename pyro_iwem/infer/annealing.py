@@ -1,6 +1,5 @@
 """The annealing controller α of IWEM (§3.3.2, Algorithm 2)."""
 
-import math
 
 
 class Annealing:

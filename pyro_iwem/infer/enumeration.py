@@ -29,6 +29,15 @@ def wants_enumeration(site):
     return site["infer"].get("enumerate") is not None and not site["is_observed"]
 
 
+class EnumerationAnnotations(Messenger):
+    """Records whether any model site asks for enumeration (as the model wrote it)."""
+
+    found = False
+
+    def _pyro_sample(self, msg):
+        self.found = self.found or wants_enumeration(msg)
+
+
 class EnumerationPolicy(Messenger):
     """Runs inside :class:`pyro.poutine.enum`: drops the enumeration annotations it cannot
     honour (warning once per site) so that those sites are sampled instead."""

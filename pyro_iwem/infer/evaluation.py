@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .traces import ParticleSampler
+from .sampler import ParticleSampler
 from .util import device_of
 
 #: particles of the first chunk when the chunk size is chosen from a memory budget

@@ -18,7 +18,7 @@ weights the samplers already compute (the model-proposed :math:`x_m` cancel). Th
 import torch
 
 from .missing import ZeroFilledInputs
-from .traces import ParticleSampler
+from .sampler import ParticleSampler
 
 
 class Imputer:

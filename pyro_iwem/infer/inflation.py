@@ -25,6 +25,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .sites import base_distribution
 from .util import ModelError
 
 #: The distributions :func:`inflate` widens, with what a variance factor ``c`` does to them.
@@ -75,6 +76,33 @@ def _event_dims(factor, n):
     return factor.reshape(factor.shape + (1,) * n) if isinstance(factor, torch.Tensor) else factor
 
 
+def as_factors(factor):
+    """``factor`` checked: a variance factor (a float), or a sequence or 1-d tensor of them (a tuple)."""
+    if isinstance(factor, torch.Tensor):
+        if factor.dim() > 1:
+            raise ValueError(f"a tensor factor must be 0-d or 1-d, got shape {tuple(factor.shape)}")
+        factor = factor.tolist()
+    if isinstance(factor, (list, tuple)):
+        if not all(is_variance_factor(f) for f in factor):
+            raise ValueError(f"every inflation factor must be positive and finite, got {list(factor)}")
+        return tuple(float(f) for f in factor)
+    if not is_variance_factor(factor):
+        raise ValueError(f"the inflation factor must be a positive finite number, got {factor!r}")
+    return float(factor)
+
+
+def per_particle(factor, num_particles):
+    """``factor`` (:func:`as_factors`) as a list of one variance factor per particle; ``None``
+    (no inflation) for ``None`` or when every factor is 1."""
+    if factor is None:
+        return None
+    factors = as_factors(factor)
+    factors = [factors] * num_particles if isinstance(factors, float) else list(factors)
+    if len(factors) != num_particles:
+        raise ValueError(f"inflation has {len(factors)} factors for {num_particles} particles; give one per particle")
+    return None if all(f == 1 for f in factors) else factors
+
+
 class ProposalInflation(Messenger):
     r"""Widens every sample site of the code it wraps (a guide) by a variance factor.
 
@@ -102,28 +130,21 @@ class ProposalInflation(Messenger):
 
     def __init__(self, factor, dim=None):
         super().__init__()
-        if isinstance(factor, torch.Tensor):
-            if factor.dim() > 1:
-                raise ValueError(f"a tensor factor must be 0-d or 1-d, got shape {tuple(factor.shape)}")
-            factor = factor.tolist()
-        if isinstance(factor, (list, tuple)):
+        factor = as_factors(factor)
+        if isinstance(factor, tuple):
             if not factor or dim is None or dim >= 0:
                 raise ValueError(
                     "a sequence of factors needs one factor per element of the batch dim `dim` (a negative int), "
                     f"got {len(factor)} factors and dim={dim!r}"
                 )
-            if not all(is_variance_factor(f) for f in factor):
-                raise ValueError(f"every inflation factor must be positive and finite, got {list(factor)}")
-            self.factor, self.shape = tuple(float(f) for f in factor), (len(factor),) + (1,) * (-1 - dim)
-        elif is_variance_factor(factor):
-            self.factor, self.shape = factor, None
+            self.factor, self.shape = factor, (len(factor),) + (1,) * (-1 - dim)
         else:
-            raise ValueError(f"the inflation factor must be a positive finite number, got {factor!r}")
+            self.factor, self.shape = factor, None
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or site_is_subsample(msg) or msg["infer"].get("_deterministic"):
             return
-        if isinstance(_unwrapped(msg["fn"]), dist.Delta):
+        if isinstance(base_distribution(msg["fn"]), dist.Delta):
             return
         factor = self.factor
         if self.shape is not None:  # made here, in the site's dtype and on its device
@@ -137,18 +158,12 @@ class ProposalInflation(Messenger):
             ) from None
 
 
-def _unwrapped(fn):
-    while isinstance(fn, (torch.distributions.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
-        fn = fn.base_dist
-    return fn
-
-
 def _describe(fn):
-    inner = _unwrapped(fn)
+    inner = base_distribution(fn)
     return type(inner).__name__ if inner is fn else f"{type(inner).__name__} (in {type(fn).__name__})"
 
 
 def _dtype_and_device(fn):
     """The dtype and device of ``fn``'s location (a factor tensor is cast to them)."""
-    loc = getattr(_unwrapped(fn), "loc", None)
+    loc = getattr(base_distribution(fn), "loc", None)
     return {"dtype": loc.dtype, "device": loc.device} if isinstance(loc, torch.Tensor) else {}

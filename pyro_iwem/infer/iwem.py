@@ -5,8 +5,10 @@ import torch
 
 from .annealing import Annealing, NoAnnealing
 from .inflation import is_variance_factor
-from .losses import accumulate_grads, check_num_particles, gradients, proposal_loss, shared_draw_gradients
+from .grads import accumulate_grads, gradient_step, shared_draw_gradients
+from .losses import check_num_particles, proposal_loss
 from .objectives import effective_sample_size, log_mean_exp, snis_objective
+from .transforms import CutLatents, DetachModelProposals
 from .util import ModelError, warn_once
 
 
@@ -25,15 +27,6 @@ def check_inflation(name, value):
     if not is_variance_factor(value):
         raise ValueError(f"{name} must be a positive finite number (a variance factor), got {value!r}")
     return float(value)
-
-
-def gradient_step(loss, params, optim):
-    """One step of ``optim`` on ``params`` along ∂loss/∂params; other gradients are not computed.
-    A non-finite loss or gradient is refused before any parameter moves."""
-    params = accumulate_grads(gradients(loss, params))
-    optim(params)
-    for p in params:
-        p.grad = None
 
 
 class _Snapshot:
@@ -85,8 +78,8 @@ class IWEM:
         (the E-/M-step is then their EM update) or, if marked for parallel enumeration, summed out.
     :param int K: E-step importance samples (default 50).
     :param int J: P-step samples (default 50).
-    :param int L: ELBO samples of the annealed E-step (default 1; the one-pass step averages
-        its K particles instead, and ``annealing=None`` has no ELBO term: both refuse any other value).
+    :param int L: ELBO samples of the annealed E-step (default 1; ``annealing=None`` has no
+        ELBO term and refuses any other value).
     :param pyro.optim.PyroOptim optim: stepped on θ and φ separately (default Adam, lr 5e-4).
     :param Annealing annealing: the controller α (default ``Annealing()``: +0.01 every 500
         steps, the paper's per-epoch schedule at 50 000 data and batch 100); ``None`` means
@@ -102,14 +95,8 @@ class IWEM:
         :class:`~pyro_iwem.infer.missing.ImputedInputs` gives miss-IWEM (Algorithm 3), whose
         weights are :math:`p(x_o, z) / q(z \mid \breve x)` and whose E- and P-steps use
         :math:`\log p(x_o, x_m, z)` with :math:`x_m` drawn from the model (eqs. 9, 10).
-    :param bool one_pass: share one draw of K particles between the E-, M- and P-step: one
-        guide pass and one model pass at :math:`\theta_t`, θ's gradient of :math:`\hat Q_\alpha`
-        (its ELBO term averaging the same K particles) and φ's gradient of eq. (7) taken from
-        the same graph. It differs from Algorithm 2 in one respect: **the P-step runs at**
-        :math:`\theta_t` **on the E-step's particles**, not at :math:`\theta_{t+1}` on J fresh
-        ones (``J`` is unused). Both gradients come from one backward pass through the model
-        (:func:`~pyro_iwem.infer.losses.shared_draw_gradients`), so a step costs about what
-        an IWAE step does; default ``False``.
+    :param bool one_pass: ``True`` builds :class:`OnePassIWEM`, the E-, M- and P-step on one
+        draw of K particles at :math:`\theta_t` (default ``False``).
     :param float proposal_inflation: the variance factor :math:`c` of the proposal the E-step
         draws its K importance samples from (default 1: the guide itself). With :math:`c \ne 1`
         they come from :math:`q_c`, the guide with its covariance multiplied by :math:`c`
@@ -123,13 +110,12 @@ class IWEM:
             \quad z_l \sim q :
 
         the L ELBO samples are drawn from the un-inflated guide, in the same vectorised pass
-        (one variance factor per particle). The one-pass step inflates all its K particles,
-        the ones its ELBO term averages included.
+        (one variance factor per particle).
     :param float p_step_inflation: the variance factor of the P-step's J samples, which then
         come from :math:`q_c` in eq. (7) (or (4)): the φ-gradient flows through the widened
         reparameterised draws and :math:`\log q_c`. Default: ``proposal_inflation`` (the
         official code inflates IWEM's P-step and leaves IWEM-woo's IWAE P-step un-inflated:
-        ``p_step_inflation=1``). The one-pass step has one draw: it must equal ``proposal_inflation``.
+        ``p_step_inflation=1``).
     :param float log_p_offset: the constant :math:`c` of the optimal P-step's
         :math:`|\log p + c|` (default 0, eq. 7; see :class:`OptimalProposalLoss`); only with
         ``proposal="optimal"``.
@@ -144,6 +130,12 @@ class IWEM:
     beside other methods' losses, this can) and :attr:`p_loss` the P-step loss. A step
     whose checks refuse it (bad data, shapes, a NaN loss) raises before any parameter moves.
     """
+
+    #: whether E-, M- and P-step share one draw (:class:`OnePassIWEM`)
+    one_pass = False
+
+    def __new__(cls, *args, one_pass=False, **kwargs):
+        return super().__new__(OnePassIWEM if one_pass and not issubclass(cls, OnePassIWEM) else cls)
 
     def __init__(
         self,
@@ -165,7 +157,6 @@ class IWEM:
         log_p_offset=0.0,
     ):
         self.model = model
-        self.one_pass = one_pass
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
@@ -173,16 +164,10 @@ class IWEM:
         self.p_step_inflation = check_inflation(
             "p_step_inflation", proposal_inflation if p_step_inflation is None else p_step_inflation
         )
-        if self.L != 1 and (one_pass or annealing is None):
+        if self.L != 1 and annealing is None:
             raise ValueError(
                 f"L is the number of particles IWEM draws for the ELBO term of its annealed E-step, got L={L}; "
-                + ("IWEM(one_pass=True) averages that term over its K particles" if one_pass else
-                   "with annealing=None (α ≡ 1) there is no such term")
-            )
-        if one_pass and self.p_step_inflation != self.proposal_inflation:
-            raise ValueError(
-                f"IWEM(one_pass=True) draws one set of particles for both steps: p_step_inflation "
-                f"({self.p_step_inflation}) must equal proposal_inflation ({self.proposal_inflation})"
+                "with annealing=None (α ≡ 1) there is no such term"
             )
         self.proposal_loss = proposal_loss(
             proposal, check_num_particles("J", J), max_plate_nesting, data_plate, guide_inputs, vectorize_particles,
@@ -236,19 +221,18 @@ class IWEM:
         All or nothing: if the P-step refuses (a non-finite loss or gradient at
         :math:`\theta_{t+1}`), θ and its optimiser state are put back as they were."""
         guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
-        if self.one_pass:
-            loss = self._one_pass_step(args, kwargs, guide_args)
-            self.annealing.step()
-            self.num_steps += 1
-            return loss
+        loss = self._step(args, kwargs, guide_args)
+        self.annealing.step()
+        self.num_steps += 1
+        return loss
+
+    def _step(self, args, kwargs, guide_args):
         loss, theta, subsample, before = self._m_step(args, kwargs, guide_args)
         try:
             self.p_loss = self._p_step(theta, args, kwargs, guide_args, subsample)
         except Exception:
             before.restore()
             raise
-        self.annealing.step()
-        self.num_steps += 1
         return loss
 
     def _m_step(self, args, kwargs, guide_args):
@@ -265,33 +249,6 @@ class IWEM:
         """:attr:`ess` and :attr:`bound` of the E-step's K log weights ``(K, B)``."""
         self.ess = effective_sample_size(log_w).mean().item()
         self.bound = log_mean_exp(log_w).mean().item()
-
-    def _one_pass_step(self, args, kwargs, guide_args):
-        particles = self.sampler(
-            self.K, args, kwargs, grad_guide=True, guide_args=guide_args, detach_model_proposals=True,
-            cut_latents=True, inflation=self.proposal_inflation,
-        )
-        groups = particles.param_groups()
-        if groups.shared:
-            raise ModelError(
-                "IWEM(one_pass=True) needs a guide whose distributions do not use the model's parameters: "
-                "θ's gradient would flow through the proposal. Use the default two-pass step"
-            )
-        self._warn_if_empty(theta=groups.theta, phi=groups.phi)
-        grads, e_loss, p_loss = shared_draw_gradients(
-            particles,
-            lambda p: self._e_loss(p, self.alpha),
-            self.proposal_loss.phi_loss,
-            groups.theta,
-            groups.phi,
-        )
-        for params in (groups.theta, groups.phi):  # every check passed: now parameters move
-            self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
-        for p in grads:
-            p.grad = None
-        self._record_e_step(particles.log_w.detach())
-        self.p_loss = p_loss.item()
-        return e_loss.item()
 
     def _warn_if_empty(self, theta=None, phi=None):
         """Warns once if a group given (not ``None``) is empty."""
@@ -366,3 +323,61 @@ class IWAEasEM(IWEM):
             data_plate=data_plate,
             vectorize_particles=vectorize_particles,
         )
+
+
+class OnePassIWEM(IWEM):
+    r"""IWEM with the E-, M- and P-step on one draw of K particles at :math:`\theta_t`
+    (``IWEM(..., one_pass=True)`` builds one).
+
+    One guide pass and one model pass at :math:`\theta_t`: θ's gradient of
+    :math:`\hat Q_\alpha` (its ELBO term averaging the same K particles) and φ's gradient of
+    eq. (7) are taken from the same graph. It differs from Algorithm 2 in one respect: **the
+    P-step runs at** :math:`\theta_t` **on the E-step's particles**, not at
+    :math:`\theta_{t+1}` on J fresh ones (``J`` is unused). Both gradients come from one
+    backward pass through the model (:func:`~pyro_iwem.infer.grads.shared_draw_gradients`),
+    so a step costs about what an IWAE step does. ``proposal_inflation`` widens all K
+    particles, the ones the ELBO term averages included; ``p_step_inflation``, if given, must
+    equal it, and ``L`` must be 1. The other arguments are :class:`IWEM`'s.
+    """
+
+    one_pass = True
+
+    def __init__(self, model, guide, K=50, J=50, L=1, *args, p_step_inflation=None, one_pass=True, **kwargs):
+        if check_num_particles("L", L) != 1:
+            raise ValueError(
+                f"L is the number of particles IWEM draws for the ELBO term of its annealed E-step, got L={L}; "
+                "IWEM(one_pass=True) averages that term over its K particles"
+            )
+        super().__init__(model, guide, K, J, L, *args, p_step_inflation=p_step_inflation, **kwargs)
+        if self.p_step_inflation != self.proposal_inflation:
+            raise ValueError(
+                f"IWEM(one_pass=True) draws one set of particles for both steps: p_step_inflation "
+                f"({self.p_step_inflation}) must equal proposal_inflation ({self.proposal_inflation})"
+            )
+
+    def _step(self, args, kwargs, guide_args):
+        particles = self.sampler(
+            self.K, args, kwargs, grad_guide=True, guide_args=guide_args, inflation=self.proposal_inflation,
+            transforms=(DetachModelProposals(), CutLatents()),
+        )
+        groups = particles.param_groups()
+        if groups.shared:
+            raise ModelError(
+                "IWEM(one_pass=True) needs a guide whose distributions do not use the model's parameters: "
+                "θ's gradient would flow through the proposal. Use the default two-pass step"
+            )
+        self._warn_if_empty(theta=groups.theta, phi=groups.phi)
+        grads, e_loss, p_loss = shared_draw_gradients(
+            particles,
+            lambda p: self._e_loss(p, self.alpha),
+            self.proposal_loss.phi_loss,
+            groups.theta,
+            groups.phi,
+        )
+        for params in (groups.theta, groups.phi):  # every check passed: now parameters move
+            self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
+        for p in grads:
+            p.grad = None
+        self._record_e_step(particles.log_w.detach())
+        self.p_loss = p_loss.item()
+        return e_loss.item()

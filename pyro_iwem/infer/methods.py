@@ -1,6 +1,8 @@
 """The one place that maps method names to inference algorithms."""
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import pyro.optim
 from pyro.infer import SVI
@@ -47,35 +49,78 @@ def _iwem(annealed=True, **options):
     return build
 
 
-#: What the guide sees in the methods for data with missing entries (§4.1): missIWAE's
-#: zero-filled data, miss-IWEM's completion. The same inputs serve imputation afterwards.
-MISSING_DATA_INPUTS = {"miss-iwae": ZeroFilledInputs, "miss-iwem": ImputedInputs, "miss-iwem-woa": ImputedInputs}
+@dataclass(frozen=True)
+class MethodSpec:
+    r"""One method of the paper's tables and the command line.
+
+    :param str name: its name (``train --method``).
+    :param build: ``(model, guide, K, J, L, optim, annealing, **plates) -> step object``; the
+        IWEM family's also takes ``iwem_options`` (``IWEM_OPTIONS``).
+    :param str family: ``"svi"`` (a Pyro loss under ``SVIStep``, :class:`pyro.infer.SVI` with
+        IWEM's attributes), ``"iwem"`` (IWEM's E-step: an :class:`IWEM`, which takes
+        ``IWEM_OPTIONS``) or ``"em"`` (IWAE-as-EM).
+    :param bool uses_J: whether it draws J P-step particles besides the K.
+    :param bool optimal_p_step: whether its P-step is eq. (7), whose :math:`|\log p|` an offset shifts.
+    :param guide_inputs: for data with missing entries (called as ``model(x, mask)``), the class
+        of what the guide sees (§4.1): missIWAE's zero-filled data, miss-IWEM's completion; the
+        same inputs serve imputation afterwards. ``None`` for complete data.
+    :param str description: what it is, in a few words.
+    """
+
+    name: str
+    build: Callable
+    family: str
+    uses_J: bool = False
+    optimal_p_step: bool = False
+    guide_inputs: type | None = None
+    description: str = ""
+
+    @property
+    def missing_data(self):
+        return self.guide_inputs is not None
+
+
+def _iwae_as_em(model, guide, K, J, L, optim, annealing, **plates):
+    return IWAEasEM(model, guide, K, J, optim, **plates)
+
+
+#: Every method, in the order of the paper's tables (Table 1, then this project's one-pass
+#: IWEM, then Table 3's methods for data with missing entries): the one registry from which
+#: the command line, the tables, the benchmark and the tests take what they need.
+SPECS = (
+    MethodSpec("vae", _svi(VAELoss), "svi", description="VAE, the ELBO (eq. 3)"),
+    MethodSpec("iwae", _svi(IWAELoss), "svi", description="IWAE (eq. 4)"),
+    MethodSpec("stl", _svi(STLLoss), "svi", description="IWAE with the sticking-the-landing φ-gradient"),
+    MethodSpec("dreg", _svi(DReGLoss), "svi", description="IWAE with the doubly reparameterised φ-gradient"),
+    MethodSpec("iwae-em", _iwae_as_em, "em", uses_J=True, description="IWAE as EM (Algorithm 1)"),
+    MethodSpec("iwem-woo", _iwem(proposal="iwae"), "iwem", uses_J=True, description="IWEM without the optimal P-step"),
+    MethodSpec("iwem-woa", _iwem(annealed=False), "iwem", uses_J=True, optimal_p_step=True,
+               description="IWEM without annealing"),
+    MethodSpec("iwem", _iwem(), "iwem", uses_J=True, optimal_p_step=True, description="IWEM (Algorithm 2)"),
+    MethodSpec("iwem-one-pass", _iwem(one_pass=True), "iwem", optimal_p_step=True,
+               description="IWEM's one-pass step (E-, M- and P-step on one draw at θ_t, OnePassIWEM)"),
+    MethodSpec("miss-iwae", _svi(IWAELoss, guide_inputs=ZeroFilledInputs()), "svi", guide_inputs=ZeroFilledInputs,
+               description="missIWAE"),
+    MethodSpec("miss-iwem-woa", _iwem(annealed=False, guide_inputs=ImputedInputs()), "iwem", uses_J=True,
+               optimal_p_step=True, guide_inputs=ImputedInputs, description="miss-IWEM without annealing"),
+    MethodSpec("miss-iwem", _iwem(guide_inputs=ImputedInputs()), "iwem", uses_J=True, optimal_p_step=True,
+               guide_inputs=ImputedInputs, description="miss-IWEM (Algorithm 3)"),
+)
+
+#: The specifications by name.
+SPEC = {spec.name: spec for spec in SPECS}
+
+#: Method names of the paper and the command line, to their builders.
+METHODS = {spec.name: spec.build for spec in SPECS}
+
+#: The methods with IWEM's E-step (built as :class:`IWEM`): they take ``IWEM_OPTIONS``.
+IWEM_METHODS = tuple(spec.name for spec in SPECS if spec.family == "iwem")
+
+#: What the guide sees in the methods for data with missing entries (§4.1).
+MISSING_DATA_INPUTS = {spec.name: spec.guide_inputs for spec in SPECS if spec.missing_data}
 
 #: IWEM's options that only the IWEM methods take, with the values that mean "as the paper has it".
 IWEM_OPTIONS = {"L": (1,), "proposal_inflation": (1.0,), "p_step_inflation": (None, 1.0), "log_p_offset": (0.0,)}
-
-METHODS = {
-    "vae": _svi(VAELoss),
-    "iwae": _svi(IWAELoss),
-    "stl": _svi(STLLoss),
-    "dreg": _svi(DReGLoss),
-    "iwae-em": lambda model, guide, K, J, L, optim, annealing, **plates: IWAEasEM(model, guide, K, J, optim, **plates),
-    "iwem": _iwem(),
-    "iwem-woo": _iwem(proposal="iwae"),
-    "iwem-woa": _iwem(annealed=False),
-    "iwem-one-pass": _iwem(one_pass=True),
-    "miss-iwae": _svi(IWAELoss, guide_inputs=MISSING_DATA_INPUTS["miss-iwae"]()),
-    "miss-iwem": _iwem(guide_inputs=MISSING_DATA_INPUTS["miss-iwem"]()),
-    "miss-iwem-woa": _iwem(annealed=False, guide_inputs=MISSING_DATA_INPUTS["miss-iwem-woa"]()),
-}
-"""Method names of the paper and the command line: VAE (eq. 3), IWAE (eq. 4), STL, IWAE-DReG,
-IWAE-as-EM (Algorithm 1), IWEM (Algorithm 2), IWEM without the optimal P-step (woo) and
-IWEM without annealing (woa), IWEM's one-pass step (E-, M- and P-step on one draw at θ_t,
-``IWEM(one_pass=True)``); for data with missing entries, called as ``model(x, mask)``:
-missIWAE, miss-IWEM (Algorithm 3) and miss-IWEM without annealing."""
-
-#: The methods with IWEM's E-step (built as :class:`IWEM`): they take ``IWEM_OPTIONS``.
-IWEM_METHODS = ("iwem", "iwem-woo", "iwem-woa", "iwem-one-pass", "miss-iwem", "miss-iwem-woa")
 
 
 def build_method(

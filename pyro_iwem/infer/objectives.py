@@ -1,4 +1,4 @@
-r"""Per-datum objectives on :class:`~pyro_iwem.infer.traces.Particles`.
+r"""Per-datum objectives on :class:`~pyro_iwem.infer.particles.Particles`.
 
 Each function returns a ``(B,)`` tensor, one value per datum, computed in log space;
 the caller applies the data plate's scale and sums over the batch. Weights are always

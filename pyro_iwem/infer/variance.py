@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .evaluation import budget_chunk
-from .traces import ParticleSampler
+from .sampler import ParticleSampler
 from .util import device_of
 
 

@@ -1,0 +1,101 @@
+"""The checks a draw runs on a user's model, guide and data, each raising a
+:class:`~pyro_iwem.infer.util.ModelError` (or warning) that names the site, argument or datum."""
+
+import math
+
+import torch
+
+from .enumeration import wants_enumeration
+from .sites import is_auxiliary
+from .util import ModelError, warn_once
+
+VECTORIZE_HINT = (
+    "if the model or guide is written for one particle at a time (explicit batch shapes such as "
+    "x.view(n, -1) or torch.cat(..., dim=1) on latents, recurrent cells, control flow on values), "
+    "pass vectorize_particles=False"
+)
+
+
+def with_vectorize_hint(error):
+    """``error`` with :data:`VECTORIZE_HINT` appended to its message (a torch shape error in
+    a vectorised draw usually means a model written for one particle)."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n({VECTORIZE_HINT})",) + error.args[1:]
+    return error
+
+
+def check_finite_inputs(args, kwargs, error):
+    """Re-raises ``error`` (from running the guide) as a :class:`ModelError` naming the
+    argument, if an input holds NaN or Inf; returns otherwise."""
+    named = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ModelError(
+                f"argument {name} passed to the guide contains NaN or Inf values; fill missing entries "
+                "with any finite value and mark them with obs_mask= or pyro_iwem.observe_masked"
+            ) from error
+
+
+def warn_guide_enumeration(name, site, warned):
+    """Warns once about a guide site marked for enumeration: guides are sampled, not enumerated."""
+    if wants_enumeration(site) and not is_auxiliary(site):
+        warn_once(
+            warned,
+            ("guide-enumerate", name),
+            f"guide site '{name}' is marked for enumeration: guides are sampled here, not enumerated, "
+            "so it gets a score-function gradient; to sum it out exactly, leave it out of the guide and "
+            "mark the model's site",
+        )
+
+
+def check_replayed_shape(name, site):
+    """A latent replayed from the guide must have the shape the model's distribution gives it."""
+    value, fn = site["value"], site["fn"]
+    expected = tuple(fn.batch_shape + fn.event_shape)
+    expected = expected[max(0, len(expected) - value.dim()) :]  # enumerated dims left of the value's
+    event = tuple(fn.event_shape)
+    try:
+        broadcast = tuple(torch.broadcast_shapes(value.shape, expected))
+    except RuntimeError:
+        broadcast = None
+    if broadcast != tuple(value.shape) or tuple(value.shape[value.dim() - len(event) :]) != event:
+        raise ModelError(
+            f"site '{name}': the guide's value has shape {tuple(value.shape)}, but the model's distribution "
+            f"has batch shape {tuple(fn.batch_shape)} and event shape {event}; make the guide sample "
+            "the site with the model's shape"
+        )
+
+
+def check_batch_dims_declared(name, site):
+    """Every batch dim of size > 1 must belong to a plate: the particle plate goes left of them."""
+    declared = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+    shape = site["fn"].batch_shape
+    undeclared = [d - len(shape) for d, size in enumerate(shape) if size > 1 and d - len(shape) not in declared]
+    if undeclared:
+        raise ModelError(
+            f"site '{name}' has batch shape {tuple(shape)}, and its dim {undeclared[0]} belongs to no plate: "
+            "declare every batch dim with a pyro.plate, or move it into the event with .to_event()"
+        )
+
+
+def check_observed(name, site):
+    """An observed value must be finite (missing entries are masked, not NaN)."""
+    value = site["value"]
+    if torch.is_floating_point(value) and not torch.isfinite(value).all():
+        raise ModelError(
+            f"observed site '{name}' contains NaN or Inf values; fill missing entries with any finite "
+            "value and mark them with obs_mask= or pyro_iwem.observe_masked"
+        )
+
+
+def check_log_weights(log_w):
+    """Importance log weights ``(N, B)``: none NaN, and some particle of every datum possible."""
+    if torch.isnan(log_w).any():
+        raise ModelError("NaN importance log weight: a model or guide log density is NaN")
+    dead = (log_w == -math.inf).all(0)
+    if dead.any():
+        index = dead.nonzero()[0].item()
+        raise ModelError(
+            f"all {log_w.shape[0]} importance log weights are -inf for datum {index}: the guide only "
+            "proposes values where the model has zero density"
+        )

@@ -1,0 +1,99 @@
+r"""One draw of particles: per-particle, per-datum log densities and what produced them."""
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from pyro import poutine
+
+from .params import ParamSplitter
+
+#: The ``(N, B)`` tensors of :class:`Particles`, concatenated along the particles by :meth:`Particles.cat`.
+DENSITIES = ("log_p", "log_q", "log_model_proposed", "log_score", "log_score_leaves")
+
+
+@dataclass
+class Particles:
+    r"""Per-particle, per-datum log densities of one draw; tensors are ``(N, B)``.
+
+    * ``log_p``: :math:`\log p(x_i, z_{ik}; \theta)`, every model site summed: observed
+      sites, latents the guide proposed, latents the model proposed itself (such as the
+      missing entries of an ``obs_mask`` site); enumerated sites summed out.
+    * ``log_q``: :math:`\log q(z_{ik} \mid x_i; \phi)`, every guide site summed.
+    * ``log_model_proposed``: the part of ``log_p`` from latents the model proposed.
+    * ``log_score``: the log density of the proposal's non-reparameterised sites whose values
+      the weights depend on (``None`` when there are none): the term a score-function
+      estimator multiplies by its learning signal.
+    * ``log_score_leaves``: the same for model-proposed sites nothing else depends on (the
+      missing entries of an ``obs_mask`` site): they matter only to objectives that use the
+      full :math:`\log p`, such as IWEM's optimal P-step.
+    * ``scale``: the data plate's subsampling scale (full size / subsample size); the
+      tensors above are unscaled, so weights are normalised per datum before scaling.
+
+    Which site feeds which tensor is the table of :mod:`pyro_iwem.infer.sites`. The
+    importance weight of a particle is the joint over the whole proposal density,
+    ``log_w = log_p - log_q - log_model_proposed``: model-proposed sites cancel.
+    """
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    log_model_proposed: torch.Tensor
+    scale: float
+    model_trace: poutine.Trace
+    guide_trace: poutine.Trace
+    log_score: torch.Tensor | None = None
+    log_score_leaves: torch.Tensor | None = None
+    latents: list = field(default_factory=list)
+    #: the tensors the model replayed for ``latents`` (the same ones, or their leaf copies
+    #: when drawn with :class:`~pyro_iwem.infer.transforms.CutLatents`; ``None`` for a guide-only site)
+    model_latents: list = field(default_factory=list)
+    model_params: dict = field(default_factory=dict)
+    guide_params: dict = field(default_factory=dict)
+    subsample: poutine.Trace | None = None
+    model_proposed: tuple = ()
+    guide_has_graph: bool = False
+    splitter: ParamSplitter | None = None
+    structure: frozenset = frozenset()
+    latent_event_dims: list = field(default_factory=list)
+    layout: tuple | None = None  # (dims of a site's batch shape, position of the data dim): vectorised only
+
+    @classmethod
+    def cat(cls, draws):
+        """One :class:`Particles` of the particles of ``draws`` (draws of the same programs on
+        the same data, e.g. one particle each), concatenated along the particles; traces,
+        parameters and the rest are the first draw's, and ``layout`` is ``None`` (latents
+        are not one tensor per site)."""
+        first = draws[0]
+        densities = {}
+        for name in DENSITIES:
+            values = [getattr(p, name) for p in draws]
+            densities[name] = None if values[0] is None else torch.cat(values, 0)
+        return replace(
+            first,
+            **densities,
+            latents=[z for p in draws for z in p.latents],
+            model_latents=[z for p in draws for z in p.model_latents],
+            layout=None,
+        )
+
+    @property
+    def log_w(self):
+        return self.log_p - self.log_q - self.log_model_proposed
+
+    @property
+    def num_particles(self):
+        return self.log_p.shape[0]
+
+    def param_groups(self):
+        """θ, φ and their overlap, found from this draw's graph (``pyro_iwem.infer.params``)."""
+        return self.splitter(self)
+
+    def per_latent(self, per_datum):
+        """``per_datum`` ``(N, B)`` reshaped to broadcast against each latent in ``latents``
+        (vectorised draws only): its particle and data dims where the latent has them."""
+        ndim, data_position = self.layout
+        shape = [1] * ndim
+        shape[0] = per_datum.shape[0]
+        if data_position is not None:
+            shape[data_position] = per_datum.shape[1]
+        batch = per_datum.reshape(shape)
+        return [batch.reshape(batch.shape + (1,) * event_dim) for event_dim in self.latent_event_dims]

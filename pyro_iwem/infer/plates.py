@@ -1,0 +1,130 @@
+r"""Plates: the particle plate, the data plate and its scale, the subsample a draw replays,
+and the per-datum reduction of every site's log density.
+
+A vectorised draw runs model and guide under an outer plate of ``N`` particles
+(``PARTICLE_PLATE``, at dim ``-1 - max_plate_nesting``). The data plate is the plate
+over data points whose dimension is kept, so that weights are normalised per datum: the
+outermost plate enclosing every observed site, unless named. Its scale (full size / subsample
+size) is applied after normalisation, never inside it.
+"""
+
+import pyro
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from .checks import VECTORIZE_HINT
+from .sites import density_sites
+from .util import ModelError
+
+PARTICLE_PLATE = "_iwem_particles"
+
+
+def vectorize(fn, num_particles, dim):
+    """``fn`` run inside a particle plate of ``num_particles`` at ``dim``."""
+
+    def vectorized(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def find_data_plate(model_trace):
+    """The outermost vectorised plate enclosing every observed site of the model (every
+    sample site if none is observed); ``False`` if there is none."""
+    sites = [s for _, s in density_sites(model_trace) if s["is_observed"]] or [s for _, s in density_sites(model_trace)]
+    stacks = [[f.name for f in s["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE] for s in sites]
+    common = set(stacks[0]).intersection(*stacks[1:]) if stacks else set()
+    outermost = [name for name in (stacks[0] if stacks else []) if name in common]
+    return outermost[0] if outermost else False
+
+
+def data_frame(trace, data_plate):
+    """The ``CondIndepStackFrame`` of ``data_plate`` in ``trace`` (``None`` for no data plate)."""
+    if data_plate is None:
+        return None
+    for _, site in density_sites(trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == data_plate:
+                return frame
+    raise ModelError(f"data_plate '{data_plate}' is not a plate of the model")
+
+
+def data_scale(frame):
+    """The data plate's subsampling scale, full size / subsample size (1 without subsampling)."""
+    if frame is None or frame.full_size is None or frame.size is None or frame.size < 1 or frame.full_size < 1:
+        return 1.0
+    return frame.full_size / frame.size
+
+
+def in_plate(site, data_plate):
+    """Whether ``site`` lies inside ``data_plate`` (every site does when there is none)."""
+    return data_plate is None or any(f.name == data_plate for f in site["cond_indep_stack"])
+
+
+def subsample_trace(*traces):
+    """A trace holding only the subsample sites of ``traces``: replaying it fixes the minibatch."""
+    kept = poutine.Trace()
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site) and name not in kept.nodes and name != PARTICLE_PLATE:
+                kept.add_node(name, **site)
+    return kept
+
+
+def plate_dims(*traces):
+    """The nesting depths of the vectorised plates of ``traces``' density sites."""
+    return [-frame.dim for trace in traces for _, site in density_sites(trace)
+            for frame in site["cond_indep_stack"] if frame.vectorized]  # fmt: skip
+
+
+class PerDatum:
+    """Accumulates per-datum log densities: one ``(n, b)`` tensor per site (n ∈ {1, N},
+    b ∈ {1, B}), summed into named totals at the end.
+
+    :param int ndim: the dims of a site's batch shape under the particle plate.
+    :param data_position: the position of the data plate's dim among them (``None``: no data plate).
+    """
+
+    def __init__(self, ndim, data_position):
+        self.ndim = ndim
+        self.data_position = data_position
+        self.terms = []  # (total name, site name, is latent, (n, b) tensor, in the data plate)
+
+    def per_datum(self, name, log_prob):
+        if log_prob.dim() > self.ndim:
+            raise ModelError(
+                f"site '{name}' has batch shape {tuple(log_prob.shape)} with dims left of the particle plate "
+                f"(dim {-self.ndim}): declare its batch dims with plates or .to_event(); {VECTORIZE_HINT}"
+            )
+        log_prob = log_prob.reshape((1,) * (self.ndim - log_prob.dim()) + log_prob.shape)
+        keep = {0} if self.data_position is None else {0, self.data_position}
+        summed = [d for d in range(self.ndim) if d not in keep]
+        if summed:
+            log_prob = log_prob.sum(summed)
+        return log_prob if self.data_position is not None else log_prob.unsqueeze(-1)
+
+    def add(self, total, name, log_prob, latent, in_data_plate):
+        self.terms.append((total, name, latent, self.per_datum(name, log_prob), in_data_plate))
+
+    def has(self, total):
+        return any(t[0] == total for t in self.terms)
+
+    def batch_size(self):
+        return max(t.shape[1] for *_, t, _ in self.terms)
+
+    def shared_latents(self):
+        """Latent sites with one value for a batch of several data (a sizeless plate that broadcast)."""
+        batch = self.batch_size()
+        return [name for _, name, latent, t, _ in self.terms if latent and t.shape[1] == 1 and batch > 1]
+
+    def totals(self, shape, data_scale=None):
+        """Named ``(N, B)`` totals; with ``data_scale``, the batch is one datum (the data plate's
+        sites scaled by it and summed over the batch)."""
+        out = {}
+        for total, _, _, t, in_data_plate in self.terms:
+            if data_scale is not None:
+                t = (t * data_scale if in_data_plate else t).sum(1, keepdim=True)
+            out[total] = t if total not in out else out[total] + t
+        return {k: v.expand(shape) for k, v in out.items()}
+

@@ -1,0 +1,388 @@
+r"""The particle sampler every algorithm of the package is built on.
+
+One call draws ``N`` particles from the guide, replays the model on them and reduces every
+site's log density to a ``(N, B)`` tensor: one row per particle, one column per datum of the
+data plate, every other plate and event dimension summed (:mod:`~pyro_iwem.infer.plates`).
+By default the particles are drawn in one vectorised pass (an outer particle plate, as
+Pyro's ``vectorize_particles=True``); models written for one particle at a time are run
+``N`` times and stacked instead (``vectorize_particles=False``), every run on the same
+subsample. Each site's role (:mod:`~pyro_iwem.infer.sites`) decides what its log density
+feeds; estimators that need more of the graph pass transforms
+(:mod:`~pyro_iwem.infer.transforms`); the objectives (``pyro_iwem.infer.objectives``)
+are a few lines on the result, :class:`~pyro_iwem.infer.particles.Particles`.
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import is_validation_enabled, site_is_subsample
+
+from . import checks
+from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
+from .inflation import ProposalInflation, per_particle
+from .params import ParamSplitter
+from .particles import Particles
+from .plates import (
+    PARTICLE_PLATE, PerDatum, data_frame, data_scale, find_data_plate, in_plate, plate_dims, subsample_trace, vectorize,
+)
+from .sites import (
+    TOTALS, SCORE_TOTALS, SiteRole, base_distribution, classify, density_sites, is_pathwise, model_leaves,
+    param_values, site_log_prob, structure,
+)
+from .util import ModelError, warn_once
+
+
+class _ProposeFromModel(Messenger):
+    """Model latents the guide does not sample are proposed from the model's own conditional:
+    checks that they can be drawn and, with ``detach``, draws them without a gradient path to
+    the parameters (a detached proposal, as the E-step's must be: otherwise a reparameterised
+    draw such as a Gaussian's missing entry feeds ∂x_m/∂θ into the M-step)."""
+
+    def __init__(self, guide_trace, detach):
+        super().__init__()
+        self.guide_trace = guide_trace
+        self.detach = detach
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or site_is_subsample(msg):
+            return
+        if msg["name"] in self.guide_trace.nodes:
+            checks.check_replayed_shape(msg["name"], msg)  # before the model computes with the value
+            return
+        if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
+            return
+        if isinstance(base_distribution(msg["fn"]), (dist.ImproperUniform, dist.Unit)):
+            raise ModelError(
+                f"model site '{msg['name']}' is a latent variable that the guide does not sample, "
+                f"and its distribution ({type(base_distribution(msg['fn'])).__name__}) cannot be "
+                "sampled to propose it from the model: add the site to the guide"
+            )
+        if self.detach and msg["value"] is None:
+            msg["value"] = msg["fn"].sample()
+
+
+def run_guide(guide, args, kwargs):
+    """Traces the guide; an error on data holding NaN or Inf is reported as such."""
+    try:
+        return poutine.trace(guide).get_trace(*args, **kwargs)
+    except (ValueError, RuntimeError) as error:
+        checks.check_finite_inputs(args, kwargs, error)
+        raise
+
+
+def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
+    """The deepest plate nesting of one unvectorised run of the guide and the replayed model.
+
+    Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
+    guide_args = args if guide_args is None else guide_args
+    guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng():
+        guide_trace = run_guide(guide, guide_args, guide_kwargs)
+        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for trace in (guide_trace, model_trace):
+        for name, site in density_sites(trace):
+            checks.check_batch_dims_declared(name, site)
+    return max(plate_dims(guide_trace, model_trace), default=0)
+
+
+class ParticleSampler:
+    r"""Draws particles from a guide, replays a model on them, reduces log densities per datum.
+
+    :param model: a Pyro model, :math:`p(x, z; \theta)`.
+    :param guide: a Pyro guide, :math:`q(z \mid x; \phi)`.
+    :param int max_plate_nesting: the deepest plate nesting of model and guide; guessed
+        from one run when ``None``.
+    :param str data_plate: the name of the plate over data points whose dimension is kept
+        (weights are normalised per datum). ``None`` detects it: the outermost plate that
+        encloses every observed site of the model. A model with no such plate is one datum;
+        so is a batch whose latents are not all inside the data plate (a global latent, a
+        joint autoguide's one vector), with a warning naming the site.
+    :param guide_inputs: optional ``f(model, guide, args, kwargs) -> (args, kwargs)``, the
+        guide's inputs, computed once per call outside the particle plate (the model
+        still sees ``args``): :class:`~pyro_iwem.infer.missing.ImputedInputs` for
+        miss-IWEM's proposal, :class:`~pyro_iwem.infer.missing.ZeroFilledInputs` for missIWAE's.
+    :param bool validate_model: keep Pyro's distribution validation on every call; by
+        default it runs on the first call only (when Pyro's validation is enabled).
+    :param bool vectorize_particles: draw the particles in one pass under a particle plate
+        (default); ``False`` runs guide and model once per particle and stacks the results,
+        for models written for one particle at a time.
+
+    Calling the sampler returns :class:`~pyro_iwem.infer.particles.Particles`. With
+    ``grad_guide=False`` the whole proposal is detached, as the E-step needs: the guide runs
+    under ``torch.no_grad()`` and the latents the model proposes itself are drawn without
+    gradients; the model's log densities always keep the caller's grad mode.
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        max_plate_nesting=None,
+        data_plate=None,
+        guide_inputs=None,
+        validate_model=False,
+        vectorize_particles=True,
+    ):
+        self.model = model
+        self.guide = guide
+        self.max_plate_nesting = max_plate_nesting
+        self.data_plate = data_plate  # None until detected; False: the model has no data plate
+        self._explicit_data_plate = data_plate is not None
+        self.guide_inputs = guide_inputs
+        self.validate_model = validate_model
+        self.vectorize_particles = vectorize_particles
+        self.split_params = ParamSplitter()
+        self.warned = set()
+        self._validated = False
+        self._enumerates = None
+        self._leaves = None
+
+    def __call__(self, num_particles, args, kwargs, grad_guide=True, guide_args=None, subsample=None, inflation=None,
+                 transforms=()):  # fmt: skip
+        r"""Draws ``num_particles`` particles per datum; returns :class:`~pyro_iwem.infer.particles.Particles`.
+
+        :param bool grad_guide: keep the guide's graph (reparameterised proposals).
+        :param guide_args: the guide's ``(args, kwargs)`` from :meth:`inputs_for_guide`, to
+            share one draw of them between calls (IWEM's E- and P-step use one completion).
+        :param subsample: the ``subsample`` of earlier :class:`~pyro_iwem.infer.particles.Particles`,
+            to draw on the same minibatch of a subsampled data plate.
+        :param inflation: draw from the guide with its variance multiplied by this factor
+            (:class:`~pyro_iwem.infer.ProposalInflation`; ``log_q`` is then the log
+            density of the widened proposal): a number for every particle, or a sequence of
+            ``num_particles`` factors, one per particle (IWEM's E-step widens its K importance
+            samples and not its L ELBO samples in one pass). ``None`` or 1: no inflation.
+        :param transforms: :class:`~pyro_iwem.infer.transforms.DrawTransform` objects, what an
+            estimator changes about the draw (STL's and DReG's stopped proposal parameters,
+            DReG's latent views, the one-pass step's cut latents and detached model proposals,
+            a replayed guide trace).
+        """
+        guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = guess_max_plate_nesting(
+                self.model, self.guide, args, kwargs, guide_args, guide_kwargs
+            )
+        self._model_inputs = (args, kwargs)
+        # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
+        # and the sampler's own checks (finite data, log weights) remain.
+        validating = is_validation_enabled() and (self.validate_model or not self._validated)
+        draw = _Draw(grad_guide and torch.is_grad_enabled(), per_particle(inflation, num_particles), transforms)
+        inputs = ((args, kwargs), (guide_args, guide_kwargs))
+        with pyro.validation_enabled(validating):
+            if self.vectorize_particles:
+                particles = self._draw_vectorized(num_particles, inputs, subsample, draw)
+            else:
+                refused = [type(t).__name__ for t in transforms if t.vectorized_only]
+                if refused:
+                    raise NotImplementedError(f"{refused[0]} needs vectorize_particles=True")
+                particles = self._draw_loop(num_particles, inputs, subsample, draw)
+        self._validated = True
+        checks.check_log_weights(particles.log_w)
+        return particles
+
+    def inputs_for_guide(self, args, kwargs):
+        """The guide's ``(args, kwargs)``: ``guide_inputs`` applied to the model's, or the same."""
+        if self.guide_inputs is None:
+            return args, kwargs
+        return self.guide_inputs(self.model, self.guide, args, kwargs)
+
+    # drawing -------------------------------------------------------------------------
+
+    def _run(self, guide, model, inputs, subsample, draw, first_enum_dim):
+        """One run of guide and replayed model: ``(guide_trace, model_trace)``."""
+        (args, kwargs), (guide_args, guide_kwargs) = inputs
+        if subsample is not None:
+            guide = poutine.replay(guide, trace=subsample)
+            model = poutine.replay(model, trace=subsample)
+        with torch.set_grad_enabled(draw.grad_proposal):
+            guide_trace = run_guide(guide, guide_args, guide_kwargs)
+        for name, site in density_sites(guide_trace):
+            checks.warn_guide_enumeration(name, site, self.warned)
+        for transform in draw.transforms:
+            transform.guide_trace(guide_trace)
+        annotations = EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
+        inner = annotations(model) if self._enumerates is None else model
+        if self._enumerates:  # inside the replay, so that enum sees (and tracks) every site first
+            inner = poutine.enum(EnumerationPolicy(guide_trace, self.warned)(model), first_available_dim=first_enum_dim)
+        replay_trace = guide_trace
+        for transform in draw.transforms:
+            replay_trace = transform.replay_trace(replay_trace)
+        detach = draw.detach_model_proposals or not draw.grad_proposal
+        replayed = _ProposeFromModel(guide_trace, detach=detach)(poutine.replay(inner, trace=replay_trace))
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        if self._enumerates is None:  # the first run learns whether the model asks for enumeration
+            self._enumerates = annotations.found
+            if annotations.found:
+                return self._run(guide, model, inputs, subsample, draw, first_enum_dim)
+        return guide_trace, model_trace
+
+    def _draw_vectorized(self, num_particles, inputs, subsample, draw):
+        particle_dim = -1 - self.max_plate_nesting
+        guide = vectorize(self.guide, num_particles, particle_dim)
+        factors = draw.inflation
+        if factors is not None:  # outside the particle plate: it sees the distributions the plates broadcast
+            same = all(f == factors[0] for f in factors)
+            guide = ProposalInflation(factors[0] if same else factors, dim=particle_dim)(guide)
+        for transform in draw.transforms:
+            guide = transform.guide(guide)
+        model = vectorize(self.model, num_particles, particle_dim)
+        try:
+            guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1)
+            terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, draw)
+        except ModelError:
+            raise
+        except (ValueError, RuntimeError, IndexError) as error:
+            raise checks.with_vectorize_hint(error)
+        subsample = subsample if subsample is not None else subsample_trace(guide_trace, model_trace)
+        return self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, draw)
+
+    def _draw_loop(self, num_particles, inputs, subsample, draw):
+        ndim = 1 + self.max_plate_nesting
+        runs = []
+        for i in range(num_particles):
+            guide = self.guide if draw.inflation is None else ProposalInflation(draw.inflation[i])(self.guide)
+            for transform in draw.transforms:
+                guide = transform.guide(guide)
+            guide_trace, model_trace = self._run(guide, self.model, inputs, subsample, draw, -ndim)
+            if subsample is None:
+                subsample = subsample_trace(guide_trace, model_trace)
+            runs.append((guide_trace, model_trace, *self._log_densities(model_trace, guide_trace, ndim, draw)))
+        return Particles.cat([self._particles(terms, info, 1, mt, gt, subsample, draw) for gt, mt, terms, info in runs])
+
+    # reducing --------------------------------------------------------------------------
+
+    def _find_data_plate(self, model_trace):
+        if self.data_plate is None:
+            self.data_plate = find_data_plate(model_trace)
+        return self.data_plate or None
+
+    def _log_densities(self, model_trace, guide_trace, ndim, draw):
+        """Every site's per-datum log density, as :class:`~pyro_iwem.infer.plates.PerDatum`,
+        summed where its role says (:data:`~pyro_iwem.infer.sites.TOTALS`), and what the weights need."""
+        data_plate = self._find_data_plate(model_trace)
+        frame = data_frame(model_trace, data_plate)
+        terms = PerDatum(ndim, None if frame is None else ndim + frame.dim)
+        outside, enumerated, model_proposed = [], [], []  # latents outside the data plate, ...
+        detached = draw.detach_model_proposals
+        for program, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in density_sites(trace):
+                if program == "guide" and site["is_observed"]:
+                    continue
+                role = classify(
+                    program, name, site, model_trace, guide_trace, self._enumerates, detached, self._model_leaves
+                )
+                latent, inside = not site["is_observed"], in_plate(site, data_plate)
+                pathwise = is_pathwise(role, site, detached)
+                if role is SiteRole.OBSERVED or (role is SiteRole.ENUMERATED and not latent):
+                    checks.check_observed(name, site)
+                if latent and not inside:
+                    outside.append(name)
+                for transform in draw.transforms:
+                    transform.check(program, name, site, role, pathwise)
+                fn = site["fn"]
+                if program == "guide":
+                    for transform in draw.transforms:
+                        fn = transform.log_q_distribution(fn)
+                log_prob = site_log_prob(fn, site["value"], site["args"], site["kwargs"])
+                if role is SiteRole.ENUMERATED:
+                    enumerated.append((site, log_prob))  # contracted below
+                    continue
+                if role.model_proposed:
+                    model_proposed.append(name)
+                scale = site["scale"] / data_scale(frame) if inside else site["scale"]
+                log_prob = scale_and_mask(log_prob, scale, site["mask"])
+                for total in TOTALS[role]:
+                    terms.add(total, name, log_prob, latent, inside)
+                if not pathwise and role in SCORE_TOTALS:
+                    terms.add(SCORE_TOTALS[role], name, log_prob, latent, inside)
+        if enumerated:
+            self._add_enumerated(terms, model_trace, enumerated, frame, outside)
+        if not terms.terms or not terms.has("log_p"):
+            raise ModelError("the model has no sample site: there is nothing to weight")
+        coupled = outside + terms.shared_latents()
+        self._refuse_or_warn_coupled(coupled, data_plate)
+        return terms, dict(coupled=bool(coupled), frame=frame, model_proposed=tuple(model_proposed))
+
+    def _refuse_or_warn_coupled(self, coupled, data_plate):
+        if coupled and self._explicit_data_plate:
+            raise ModelError(
+                f"site '{coupled[0]}' is outside the data plate '{data_plate}': per-datum importance "
+                "weights need every latent inside it (pass data_plate=None to treat the batch as one datum)"
+            )
+        for name in coupled:
+            warn_once(
+                self.warned,
+                ("outside", name),
+                f"latent site '{name}' is not inside the data plate '{data_plate}' (a global latent, a sizeless "
+                "plate it does not fill, or a joint autoguide's one vector for the whole batch): the minibatch "
+                "is weighted as one datum, with one importance weight per particle and an ESS out of K for the "
+                "whole batch. For per-datum weights, sample it inside the data plate (AutoNormal or an amortised "
+                "guide instead of a joint autoguide)",
+            )
+
+    def _add_enumerated(self, terms, model_trace, enumerated, frame, outside):
+        scales = {float(site["scale"]) for site, _ in enumerated}
+        if len(scales) > 1:
+            names = ", ".join(f"'{site['name']}'" for site, _ in enumerated)
+            raise ModelError(f"sites {names} depend on an enumerated site and need one common poutine.scale")
+        target = [PARTICLE_PLATE]
+        if frame is not None and not any(
+            all(f.name != frame.name for f in site["cond_indep_stack"]) and not site["is_observed"]
+            for site, _ in enumerated
+        ):
+            target.append(frame.name)
+        elif frame is not None:
+            outside.extend(site["name"] for site, _ in enumerated if not site["is_observed"])
+        masked = [(site, masked_log_prob(log_prob, site)) for site, log_prob in enumerated]
+        log_p = contract_enumerated(model_trace, masked, target) * (scales.pop() / data_scale(frame))
+        terms.add("log_p", enumerated[0][0]["name"], log_p, False, frame is not None and frame.name in target)
+
+    def _model_leaves(self):
+        if self._leaves is None:
+            self._leaves = model_leaves(self.model, *self._model_inputs)
+        return self._leaves
+
+    def _particles(self, terms, info, num_particles, model_trace, guide_trace, subsample, draw):
+        frame = info["frame"]
+        coupled = info["coupled"]
+        batch = 1 if coupled or frame is None else terms.batch_size()
+        totals = terms.totals((num_particles, batch), data_scale=data_scale(frame) if coupled else None)
+        zeros = totals["log_p"].new_zeros((num_particles, batch))
+        latent_sites = [site for _, site in density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)]
+        return Particles(
+            log_p=totals["log_p"],
+            log_q=totals.get("log_q", zeros),
+            log_model_proposed=totals.get("log_model_proposed", zeros),
+            scale=1.0 if coupled else data_scale(frame),
+            model_trace=model_trace,
+            guide_trace=guide_trace,
+            log_score=totals.get("log_score"),
+            log_score_leaves=totals.get("log_score_leaves"),
+            latents=[site["value"] for site in latent_sites],
+            model_latents=[
+                model_trace.nodes[site["name"]]["value"] if site["name"] in model_trace.nodes else None
+                for site in latent_sites
+            ],
+            latent_event_dims=[site["fn"].event_dim for site in latent_sites],
+            layout=None if coupled else (terms.ndim, terms.data_position),
+            model_params=param_values(model_trace),
+            guide_params=param_values(guide_trace),
+            subsample=subsample,
+            model_proposed=info["model_proposed"],
+            guide_has_graph=draw.grad_proposal,
+            splitter=self.split_params,
+            structure=structure(model_trace, guide_trace),
+        )
+
+
+class _Draw:
+    """The settings of one call: the guide's grad mode, inflation factors, transforms."""
+
+    def __init__(self, grad_proposal, inflation, transforms):
+        self.grad_proposal = grad_proposal
+        self.inflation = inflation
+        self.transforms = tuple(transforms)
+        self.detach_model_proposals = any(t.detach_model_proposals for t in self.transforms)
