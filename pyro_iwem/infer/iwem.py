@@ -272,7 +272,8 @@ class IWEM:
             self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
             inflation=self.p_step_inflation,
         )
-        phi = particles.param_groups().phi - theta
+        stepped = set(theta)
+        phi = tuple(p for p in particles.param_groups().phi if p not in stepped)  # in trace order
         self._warn_if_empty(phi=phi)
         if not phi:
             return float("nan")

@@ -151,7 +151,7 @@ class ParticleLoss(ELBO):
         self._refuse_shared(groups)
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
-            return gradients(self.scaled(particles, theta_objective), groups.theta | groups.phi | groups.shared)
+            return gradients(self.scaled(particles, theta_objective), groups.theta + groups.phi)  # shared ⊂ θ
         pairs = [(o, p) for o, p in ((theta_objective, groups.theta), (phi_objective, groups.phi)) if o is not None]
         grads = {}
         for i, (objective, params) in enumerate(pairs):  # both from one graph: keep it for the second
@@ -247,7 +247,7 @@ class DReGLoss(ParticleLoss):
         hooks = [z.register_hook(lambda g, w=w: g * w) for z, w in zip(particles.latents, weights) if z.requires_grad]
         try:
             bound = log_mean_exp(particles.log_w)
-            return gradients(self.scaled(particles, bound), groups.theta | groups.phi)
+            return gradients(self.scaled(particles, bound), groups.theta + groups.phi)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -21,11 +21,16 @@ from typing import NamedTuple
 
 class ParamGroups(NamedTuple):
     """Unconstrained parameter tensors: ``theta`` (the model's density), ``phi`` (the guide's
-    distributions, less θ) and ``shared`` (θ parameters the guide's distributions use too)."""
+    distributions, less θ) and ``shared`` (θ parameters the guide's distributions use too).
 
-    theta: set
-    phi: set
-    shared: set
+    Each is a tuple in trace order (the guide's parameter sites, then the model's others), the
+    same on every process that runs the same programs: an optimiser that all-reduces gradients
+    (:class:`pyro_iwem.distributed.DistributedOptim`) is handed them in one order.
+    ``shared`` is a subset of ``theta``, ``phi`` is disjoint from it."""
+
+    theta: tuple
+    phi: tuple
+    shared: tuple
 
 
 def graph_leaves(roots, stop=()):
@@ -70,8 +75,8 @@ class ParamSplitter:
             self._guide[key] = frozenset(ids[id(t)] for t in leaves if id(t) in ids)
         theta = self._theta.get(key, frozenset())
         guide = self._guide.get(key, frozenset())
-        return ParamGroups(
-            theta={params[n] for n in theta},
-            phi={params[n] for n in guide - theta},
-            shared={params[n] for n in guide & theta},
+        return ParamGroups(  # in the trace's order, never a set's
+            theta=tuple(t for n, t in params.items() if n in theta),
+            phi=tuple(t for n, t in params.items() if n in guide and n not in theta),
+            shared=tuple(t for n, t in params.items() if n in guide and n in theta),
         )
