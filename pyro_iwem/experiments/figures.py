@@ -104,7 +104,7 @@ def final_variances(run, num_data=None, num_repeats=None, device="cpu", data_roo
     num_data = num_data or run.args.get("record_variance") or DEFAULT_NUM_DATA
     num_repeats = num_repeats or run.args.get("variance_repeats") or DEFAULT_REPEATS
     root = data_root if data_root is not None else best.get("data_root")
-    key = tuple(config.get(k) for k in ("dataset", "max_train", "max_eval", "data_seed", "missing_patches")) + (root,)
+    key = tuple(config.get(k) for k in ("dataset", "max_train", "max_eval", "eval_subset", "data_seed", "missing_patches")) + (root,)
     cache = {} if data_cache is None else data_cache
     if key not in cache:
         cache[key] = load_data(config, root)

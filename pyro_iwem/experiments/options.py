@@ -137,7 +137,8 @@ FORWARDED_OPTIONS = (
                        "bounds' particles may hold at its peak: chunks hold 500 particles, or fewer where that is more "
                        f"(default {_default('eval_memory')} GiB)"}),
     ("--max-train", {"type": positive_int, "help": "use only the first N training images (default all)"}),
-    ("--max-eval", {"type": positive_int, "help": "use only the first N validation and test images (default all)"}),
+    ("--max-eval", {"type": positive_int, "help": "use only N validation and N test images, "
+                   "drawn at random (seeded by --data-seed; recorded in the run) (default all)"}),
     ("--missing-patches", {"type": nonneg_int, "metavar": "N", "help": "remove N of the 3x3 patches of every training "
                                "image at random (fixed per image, seeded by --data-seed), for the methods "
                                "miss-iwae, miss-iwem-woa and miss-iwem; validation and test images stay complete (default 0)"}),
@@ -340,25 +341,35 @@ def add_impute_parser(subparsers):
     d = IMPUTE_DEFAULTS
     p = subparsers.add_parser(
         "impute",
-        help="impute missing entries of a numeric table (UCI or CSV) and score the MSE",
-        description="The MIWAE protocol (§5, Table 4): standardise every column, remove each entry "
-        "with probability --missing-rate, fill the removed entries in (a TabularVAE trained on all "
-        "rows by --method, then importance-sampled E[x_m | x_o] with --impute-K particles; or "
-        "column means), and write the MSE over the removed entries (standardised units) to "
-        "RUN_DIR/metrics.json and the completed table (original units, no header) to RUN_DIR/imputed.csv.",
+        help="fill the missing cells of a numeric table (CSV), or score imputation (--benchmark)",
+        description="Fill the gaps of a table: the cells of --csv FILE that are empty or read nan, NA, "
+        "N/A, null, None or ? (any case), or a --missing-values text, are missing; a TabularVAE "
+        "trained on all rows by --method (or the column means) fills exactly those, with the "
+        "importance-sampled E[x_m | x_o] of --impute-K particles, and RUN_DIR/imputed.csv is FILE "
+        "again with only its missing cells filled (header, dropped columns, observed cells as written, "
+        "row order and rows with no observed cell kept); RUN_DIR/metrics.json reports the cells filled "
+        "per column, and --multiple M also writes M draws from the importance-weighted posterior, "
+        "RUN_DIR/imputed-1.csv ... imputed-M.csv. With --benchmark (always with --dataset), the MIWAE "
+        "protocol (§5, Table 4) on a complete table: standardise every column, remove each entry with "
+        "probability --missing-rate, fill the removed entries in as above, and write the MSE over them "
+        "(standardised units) to RUN_DIR/metrics.json and the completed numeric matrix (original units, "
+        "no header) to RUN_DIR/imputed.csv.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", type=one_of(TABLE_DATASETS, "dataset"), help=f"one of {', '.join(TABLE_DATASETS)}")
+    source.add_argument("--dataset", type=one_of(TABLE_DATASETS, "dataset"), help=f"one of {', '.join(TABLE_DATASETS)}: a complete UCI table, scored by the --benchmark protocol")
     source.add_argument("--csv", metavar="FILE", help="a numeric delimited text file, one row per datum")
     p.add_argument("--sep", type=separator, default=",", help="the CSV's delimiter (default ,; \\t or tab for a tab)")
-    p.add_argument("--drop-columns", type=list_of(column), metavar="A,B,3", help="CSV columns to leave out, by header name or 0-based index")
+    p.add_argument("--drop-columns", type=list_of(column), metavar="A,B,3", help="CSV columns to leave out of the model, by header name or 0-based index (imputed.csv keeps them as written)")
     header = p.add_mutually_exclusive_group()
     header.add_argument("--header", dest="header", action="store_const", const=True, help="the CSV's first row is a header")
     header.add_argument("--no-header", dest="header", action="store_const", const=False,
-                        help="the CSV has no header row (default: a first row without any number is a header)")
+                        help="the CSV has no header row (default: a first row without any number, and not only of missing cells, is a header)")
+    p.add_argument("--missing-values", type=list_of(str), metavar="TEXT,TEXT", help="more cell texts that mean missing, e.g. -999 (compared after stripping blanks, any case)")
+    p.add_argument("--multiple", type=positive_int, metavar="M", help="also write M multiple imputations, RUN_DIR/imputed-1.csv ... imputed-M.csv: each fills every missing cell with an independent draw from the importance-weighted posterior (a particle of --impute-K resampled by its normalised weight, and the model's draw of the missing entries given it), for analyses that carry the imputation's uncertainty on (trained methods only)")
+    p.add_argument("--benchmark", action="store_true", help="score imputation on a complete table instead of filling gaps: remove entries at random (--missing-rate), fill them, and report the MSE against the removed values (the MIWAE protocol; implied by --dataset)")
     p.add_argument("--method", type=one_of(IMPUTE_METHODS, "method"), required=True, help=f"one of {', '.join(IMPUTE_METHODS)}")
-    p.add_argument("--missing-rate", type=missing_rate, default=d["missing_rate"], help=f"probability that an entry is removed (default {d['missing_rate']})")
-    p.add_argument("--seed", type=nonneg_int, default=d["seed"], help=f"seed of the mask, and of initialisation, batches and sampling (default {d['seed']})")
+    p.add_argument("--missing-rate", type=missing_rate, help=f"--benchmark: probability that an entry is removed (default {d['missing_rate']})")
+    p.add_argument("--seed", type=nonneg_int, default=d["seed"], help=f"seed of initialisation, batches and sampling, and of --benchmark's mask (default {d['seed']})")
     p.add_argument("--steps", type=positive_int, default=d["steps"], help=f"training steps; IWEM's α grows by 0.01 every max(1, steps // 200) steps, reaching 1 by half of them (default {d['steps']}: about 85 s of miss-iwem, 40 s of miss-iwae on one thread)")
     p.add_argument("--K", type=positive_int, default=d["K"], help=f"importance samples of the bound or E-step (default {d['K']}, MIWAE's)")
     p.add_argument("--J", type=positive_int, default=d["J"], help=f"P-step samples of miss-iwem and miss-iwem-woa (default {d['J']})")
@@ -441,6 +452,7 @@ keep it).
     eval_memory: float | None = None
     max_train: int | None = None
     max_eval: int | None = None
+    eval_subset: str | None = None
     missing_patches: int | None = None
     data_seed: int | None = None
     data_root: str | None = None

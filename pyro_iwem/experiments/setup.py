@@ -1,13 +1,17 @@
 """What a run is made of: its configuration, data, model and inference method."""
 
+import dataclasses
 import math
 import os
+
+import numpy as np
 
 import pyro.optim
 import torch
 
 from pyro_iwem.data import load_images, resolve_data_root
 from pyro_iwem.data.files import DATA_ENV_VAR
+from pyro_iwem.data.rng import numpy_generator
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, build_method
 from pyro_iwem.infer.methods import IWEM_METHODS, SPECS
 from pyro_iwem.models import build_model
@@ -49,6 +53,7 @@ CONFIG_KEYS = (
     "data_seed",
     "max_train",
     "max_eval",
+    "eval_subset",
     "missing_patches",
     "valid_K",
     "eval_batch_size",
@@ -60,11 +65,13 @@ CONFIG_KEYS = (
     "encoder_scale",
 )
 
-#: What the keys added after the first runs (``--protocol``'s, ``--anneal-start``, ``--L``) meant for the
-#: runs made before them (the paper's protocol): a checkpoint without them resumes, and is
+#: What the keys added after the first runs (``--protocol``'s, ``--anneal-start``, ``--L``,
+#: ``eval_subset``) meant for the runs made before them (the paper's protocol; ``--max-eval``
+#: kept the first validation and test images): a checkpoint without them resumes, and is
 #: evaluated, with these.
 LEGACY_CONFIG = {
     "L": 1,
+    "eval_subset": "first",
     "anneal_start": 0.0,
     "protocol": "paper",
     "proposal_inflation": 1.0,
@@ -94,6 +101,7 @@ TRAIN_DEFAULTS = {
     "device": "auto",
     "max_train": None,
     "max_eval": None,
+    "eval_subset": "random",  # which validation and test images --max-eval keeps (not an option)
     "missing_patches": 0,
     "eval_K": 5000,
     "valid_K": 100,
@@ -189,16 +197,42 @@ def check_missing_data(config):
         raise RunError(f"--missing-patches must be at most 9 (a 3x3 grid of patches), got {patches}")
 
 
+#: The stream of :func:`~pyro_iwem.data.rng.numpy_generator` that draws ``--max-eval``'s images.
+EVAL_SUBSET_STREAM = 7
+
+
+def eval_subset(data, max_eval, seed):
+    """``data`` with ``max_eval`` validation and ``max_eval`` test images drawn at random
+    without replacement (each split from its own stream seeded by ``seed``), kept in their order."""
+    if max_eval is None:
+        return data
+    chosen = {}
+    for number, split in enumerate(("valid", "test")):
+        images = data.split(split)
+        if max_eval < len(images):
+            index = numpy_generator(seed, EVAL_SUBSET_STREAM, number).choice(len(images), max_eval, replace=False)
+            images = images[torch.from_numpy(np.sort(index))]
+        chosen[split] = images
+    return dataclasses.replace(data, **chosen)
+
+
 def load_data(config, root=None):
     """The config's :class:`~pyro_iwem.data.ImageData` (may raise ``DataFileError``); with
-    ``missing_patches``, the training images miss that many patches each (seeded by ``data_seed``)."""
+    ``missing_patches``, the training images miss that many patches each (seeded by ``data_seed``).
+
+    ``max_train`` keeps the first training images; ``max_eval`` keeps a random subset of the
+    validation and test images (:func:`eval_subset`, seeded by ``data_seed``), or, for runs
+    made before it did (``eval_subset`` ``"first"``), the first ones."""
+    first = config.get("eval_subset", LEGACY_CONFIG["eval_subset"]) == "first"
     data = load_images(
         config["dataset"],
         data_root(root),
         max_train=config["max_train"],
-        max_eval=config["max_eval"],
+        max_eval=config["max_eval"] if first else None,
         seed=config["data_seed"],
     )
+    if not first:
+        data = eval_subset(data, config["max_eval"], config["data_seed"])
     if config.get("missing_patches"):
         data = data.with_missing_patches(config["missing_patches"], config["data_seed"])
     return data

@@ -24,6 +24,13 @@ SETTING_KEYS = tuple(
     k for k in CONFIG_KEYS if k not in ("method", "K", "J", "dataset", "model", "missing_patches", "seed", "data_seed")
 )
 
+#: settings recorded in ``metrics.json`` besides :data:`~.setup.CONFIG_KEYS` that change a
+#: run's result: the epoch budget and early stopping of ``train``, the test bound's samples
+#: (for the ``test_ll`` metric, which ``eval_K`` draws) and the settings of ``impute``. Runs that
+#: differ in one of them within a row and column of :data:`SETTING_KEYS` get rows of their own,
+#: labelled with it
+RESULT_KEYS = ("max_epochs", "patience", "eval_K", "steps", "impute_K", "missing_rate", "likelihood", "z_dim")
+
 
 def find_metrics(paths):
     """``[(path, metrics)]`` of the ``metrics.json`` files named by ``paths``: a file, a run
@@ -60,8 +67,32 @@ ABSENT = _Absent()
 
 def _setting(m, key):
     """A run's setting ``key``, read as the paper's for runs made before the key existed
-    (:data:`~.setup.LEGACY_CONFIG`), :data:`ABSENT` for a run that has no such setting."""
+    (:data:`~.setup.LEGACY_CONFIG`), :data:`ABSENT` for a run that has no such setting.
+    ``eval_subset`` (which validation and test images ``max_eval`` keeps) is :data:`ABSENT`
+    for runs that kept them all."""
+    if key == "eval_subset" and m.get("max_eval") is None:
+        return ABSENT
     return m[key] if key in m else LEGACY_CONFIG.get(key, ABSENT)
+
+
+def _identity(m):
+    """What makes a run the run it is: its settings (:data:`~.setup.CONFIG_KEYS`, seed
+    included, and :data:`RESULT_KEYS`), as a hashable value; copies of a run share it."""
+    keys = ("method", "dataset", *CONFIG_KEYS, *RESULT_KEYS)
+    return tuple((key, repr(_setting(m, key))) for key in dict.fromkeys(keys))
+
+
+def unique_runs(metrics_list):
+    """``(runs, copies)``: ``metrics_list`` with each configuration and seed (:func:`_identity`)
+    kept once, the first, and the number of copies left out (a run that records no seed is
+    never taken for a copy)."""
+    seen, runs = set(), []
+    for number, m in enumerate(metrics_list):
+        identity = _identity(m) if "seed" in m else number
+        if identity not in seen:
+            seen.add(identity)
+            runs.append(m)
+    return runs, len(metrics_list) - len(runs)
 
 
 def _row_key(m, with_particles, varying=()):
@@ -71,9 +102,24 @@ def _row_key(m, with_particles, varying=()):
     return (m["method"], m.get("K"), m.get("J") if m["method"] in USES_J else None, settings)
 
 
-def _varying_settings(runs):
-    """The :data:`SETTING_KEYS` in which ``runs`` (metrics dicts) that have them differ."""
-    return tuple(key for key in SETTING_KEYS if len({repr(_setting(m, key)) for m in runs} - {repr(ABSENT)}) > 1)
+def _distinct(runs, key):
+    return len({repr(_setting(m, key)) for m in runs} - {repr(ABSENT)}) > 1
+
+
+def _varying_settings(runs, metric="test_ll"):
+    """The settings by which ``runs`` (metrics dicts) are told apart in rows: the
+    :data:`SETTING_KEYS` in which the runs that have them differ, then the
+    :data:`RESULT_KEYS` in which runs that these would put in one row and column differ
+    (``eval_K`` only for the ``test_ll`` metric, the one it draws)."""
+    varying = tuple(key for key in SETTING_KEYS if _distinct(runs, key))
+    groups = {}
+    for m in runs:
+        groups.setdefault((_row_key(m, True, varying), _col_key(m, True)), []).append(m)
+    extra = tuple(
+        key for key in RESULT_KEYS
+        if (key != "eval_K" or metric == "test_ll") and any(_distinct(group, key) for group in groups.values())
+    )
+    return varying + extra
 
 
 def _settings_label(settings):
@@ -116,6 +162,7 @@ def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=No
     """
     runs = []
     skipped = 0
+    metrics_list, _ = unique_runs(metrics_list)
     for m in metrics_list:
         value = m.get(metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -125,7 +172,7 @@ def summarize(metrics_list, metric="test_ll", with_particles=None, with_model=No
     combos = {}
     for m in runs:
         combos.setdefault(m["method"], set()).add(_row_key(m, True)[1:3])
-    varying = _varying_settings(runs)
+    varying = _varying_settings(runs, metric)
     if with_particles is None:
         with_particles = any(len(c) > 1 for c in combos.values())
     if with_model is None:
@@ -220,6 +267,9 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
     parts += [f"\nNote ({dataset}): {note}" for dataset, note in notes]
     if skipped:
         parts += [f"\n({skipped} run(s) without a finite {metric} left out)"]
+    _, copies = unique_runs(metrics_list)
+    if copies:
+        parts += [f"\n({copies} copy(ies) of a run already tabled (same settings and seed) left out)"]
     return "\n".join(parts)
 
 
@@ -253,6 +303,8 @@ def save_curves_of_paths(paths, png):
     from .images import save_method_curves
 
     records = find_metrics(paths)
+    kept = {id(m) for m in unique_runs([m for _, m in records])[0]}
+    records = [(path, m) for path, m in records if id(m) in kept]
     varying = _varying_settings([m for _, m in records])
     histories = {}
     for path, metrics in records:
