@@ -30,8 +30,10 @@ def write_csv(path, rows, header=("a", "b", "c")):
     return path
 
 
-def impute(csv, out, method, *extra):
-    return main(["impute", "--csv", str(csv), "--method", method, "--seed", str(SEED), *extra, "--out", str(out)])
+def impute(csv, out, method, *extra, benchmark=True):
+    """``pyro-iwem impute`` on ``csv``: the benchmark protocol by default, else filling its gaps."""
+    protocol = ["--benchmark"] if benchmark else []
+    return main(["impute", "--csv", str(csv), "--method", method, "--seed", str(SEED), *protocol, *extra, "--out", str(out)])
 
 
 def one_error_line(capsys, code):

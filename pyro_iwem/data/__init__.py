@@ -4,7 +4,8 @@
   dynamic MNIST, Omniglot 28x28 rebuilt from the original images, Caltech 101
   Silhouettes), and :func:`load_digits_binary`, scikit-learn's 8x8 digits, when no data
   root exists;
-* :func:`load_uci`, :func:`load_csv`, :func:`standardize` -- numeric tables;
+* :func:`load_uci`, :func:`load_csv`, :func:`read_table` (a :class:`Table` with missing cells,
+  written back filled), :func:`standardize` -- numeric tables;
 * :func:`patch_mask`, :func:`mcar_mask` -- missingness masks (True = observed).
 
 Files are looked up below the data root (:func:`resolve_data_root`: the ``root``
@@ -33,16 +34,18 @@ from .loaders import (
 )
 from .masks import mcar_mask, patch_index, patch_mask
 from .omniglot import build_omniglot, load_omniglot
-from .tabular import UCI_DATASETS, TableFormatError, load_csv, load_uci, standardize
+from .tabular import MISSING_VALUES, UCI_DATASETS, Table, TableFormatError, load_csv, load_uci, read_table, standardize
 
 __all__ = [
     "CHECKSUMS",
     "IMAGE_DATASETS",
+    "MISSING_VALUES",
     "SPLITS",
     "UCI_DATASETS",
     "DataFileError",
     "ImageData",
     "MissingDataFileError",
+    "Table",
     "TableFormatError",
     "build_omniglot",
     "caltech_to_row_major",
@@ -59,6 +62,7 @@ __all__ = [
     "mcar_mask",
     "patch_index",
     "patch_mask",
+    "read_table",
     "resolve_cache_dir",
     "resolve_data_root",
     "standardize",

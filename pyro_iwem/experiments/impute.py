@@ -1,11 +1,29 @@
-r"""Imputing the missing entries of a numeric table: the MIWAE protocol (§5 of the paper).
+r"""Imputing the missing entries of a numeric table: a table's own gaps, or the MIWAE protocol (§5).
 
-One ``pyro-iwem impute`` run (:class:`ImputeRun`):
+One ``pyro-iwem impute`` run (:class:`ImputeRun`) does one of two things.
 
-1. loads a UCI data set or a CSV file (:func:`load_table`) and standardises every column on
-   the complete data (:func:`~pyro_iwem.data.standardize`), as MIWAE does;
-2. removes each entry independently with probability ``--missing-rate``
-   (:func:`~pyro_iwem.data.mcar_mask`, seeded with ``--seed``);
+**Filling a table's gaps** (``--csv FILE``, the default): the cells of FILE that are empty or
+read ``nan``, ``NA``, ``N/A``, ``null``, ``None`` or ``?`` (any case; :data:`~pyro_iwem.data.MISSING_VALUES`,
+and the texts of ``--missing-values``) are missing (:func:`~pyro_iwem.data.read_table`). Every
+column is standardised on its observed cells, a :class:`~pyro_iwem.models.TabularVAE` is
+trained on all rows by ``--method`` (as below; ``mean`` fills each column's mean), and
+``imputed.csv`` is FILE again with exactly its missing cells filled: the header, the
+``--drop-columns`` columns, every observed cell as written, blank lines and the row order are
+kept, and a row with no observed cell is kept and filled (from the prior, through the
+proposal). ``metrics.json`` reports the cells filled per column. With ``--multiple M`` the run
+also writes ``imputed-1.csv`` ... ``imputed-M.csv``, M multiple imputations: each fills every
+row with an independent draw from the importance-weighted posterior (``--impute-K`` particles,
+one resampled by its normalised weight :math:`\bar w_k`, and the model's draw
+:math:`x_m \sim p(x_m \mid z_k)`: :meth:`~pyro_iwem.infer.Imputer.sample`), so that an analysis
+can be repeated on each and its spread carried on (Rubin's rules).
+
+**The benchmark** (``--benchmark``, and always with ``--dataset``), on a complete table:
+
+1. loads a UCI data set or a CSV file (:func:`load_table`; a missing cell is an error) and
+   standardises every column on the complete data (:func:`~pyro_iwem.data.standardize`), as
+   MIWAE does;
+2. removes each entry independently with probability ``--missing-rate`` (default 0.5;
+   :func:`~pyro_iwem.data.mcar_mask`, seeded with ``--seed``);
 3. fills the removed entries in, either with the mean of each column's observed entries
    (``mean``, :func:`mean_imputation`) or with a :class:`~pyro_iwem.models.TabularVAE`
    trained on all rows, missing entries included (transductive, as MIWAE), by missIWAE,
@@ -15,8 +33,9 @@ One ``pyro-iwem impute`` run (:class:`ImputeRun`):
    proposal (:func:`model_imputation`);
 4. scores the mean squared error over the removed entries, in standardised units
    (:func:`imputation_mse`), and writes ``metrics.json``, ``imputed.csv`` (the completed
-   table in the original units) and, for a trained method, ``model.pt`` (the
-   :class:`~pyro_iwem.models.TabularVAE`'s ``state_dict`` and the standardisation).
+   numeric matrix in the original units, no header: the removed entries are model guesses)
+   and, for a trained method, ``model.pt`` (the :class:`~pyro_iwem.models.TabularVAE`'s
+   ``state_dict`` and the standardisation; written when filling gaps too).
 
 Schedule. Training takes ``--steps`` Adam steps on shuffled minibatches (a fresh
 permutation of the rows per pass). IWEM's α grows by 0.01 every ``max(1, steps // 200)``
@@ -33,6 +52,7 @@ white-wine (4898 x 11) with ``--impute-K 1000`` takes about 9 s; MIWAE's K = 10 
 ten times as long, 65-90 s (timed on 512 rows).
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -44,7 +64,7 @@ import pyro
 import torch
 
 from pyro_iwem.atomic import atomic_path
-from pyro_iwem.data import UCI_DATASETS, load_csv, load_uci, mcar_mask, standardize
+from pyro_iwem.data import UCI_DATASETS, load_csv, load_uci, mcar_mask, read_table, standardize
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer
 from pyro_iwem.models import TabularVAE
 
@@ -58,13 +78,15 @@ IMPUTE_METHODS = MISSING_METHOD_ORDER + ("mean",)
 TABLE_DATASETS = tuple(UCI_DATASETS)
 #: The completed table written next to ``metrics.json``.
 IMPUTED = "imputed.csv"
+#: The ``--multiple`` imputations, numbered from 1.
+MULTIPLE = "imputed-{}.csv"
 #: The trained model's parameters and the standardisation (trained methods only).
 MODEL = "model.pt"
 
 #: Defaults of the ``impute`` options. ``steps`` makes a miss-IWEM run on white-wine take
 #: about 85 s of training on one thread (see the module docstring).
 IMPUTE_DEFAULTS = {
-    "missing_rate": 0.5,
+    "missing_rate": 0.5,  # --benchmark's
     "seed": 1234,
     "K": 20,
     "J": 20,
@@ -82,21 +104,47 @@ IMPUTE_CHUNK = 100
 
 
 # --- data ------------------------------------------------------------------------------------
-def load_table(dataset=None, csv=None, sep=",", drop_columns=None, header=None, root=None):
-    """The raw table (float64, ``(rows, columns)``) of a UCI data set or of a CSV file.
-
-    :raises RunError: if the CSV file cannot be opened (the message names it).
-    :raises TableFormatError: (a ``ValueError``) if the table is not usable numeric data.
-    :raises DataFileError: if a UCI file is missing or corrupt.
-    """
-    if dataset is not None:
-        return load_uci(dataset, data_root(root))
+@contextlib.contextmanager
+def _reading(csv):
+    """Turn a CSV file's ``OSError`` or ``UnicodeDecodeError`` into a :class:`RunError` naming it."""
     try:
-        return load_csv(csv, sep=sep, drop_columns=drop_columns, header=header)
+        yield
     except UnicodeDecodeError as e:
         raise RunError(f"{csv}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise RunError(f"cannot read --csv {csv}: {e.strerror or e}") from None
+
+
+def load_table(dataset=None, csv=None, sep=",", drop_columns=None, header=None, root=None):
+    """The raw complete table (float64, ``(rows, columns)``) of a UCI data set or of a CSV file.
+
+    :raises RunError: if the CSV file cannot be opened (the message names it).
+    :raises TableFormatError: (a ``ValueError``) if the table is not usable complete numeric data.
+    :raises DataFileError: if a UCI file is missing or corrupt.
+    """
+    if dataset is not None:
+        return load_uci(dataset, data_root(root))
+    with _reading(csv):
+        return load_csv(csv, sep=sep, drop_columns=drop_columns, header=header)
+
+
+def load_gaps(csv, sep=",", drop_columns=None, header=None, missing_values=()):
+    """The :class:`~pyro_iwem.data.Table` of a CSV file with missing cells
+    (:func:`~pyro_iwem.data.read_table`).
+
+    :raises RunError: if the file cannot be opened, or has no missing cell.
+    :raises TableFormatError: (a ``ValueError``) if the table is not usable numeric data.
+    """
+    with _reading(csv):
+        table = read_table(csv, sep=sep, drop_columns=drop_columns, header=header, missing_values=missing_values)
+    if table.observed.all():
+        rows, cols = table.values.shape
+        raise RunError(
+            f"{csv}: no cell of the {rows} x {cols} table is missing (empty, nan, NA, N/A, null, None "
+            "or ?, or a --missing-values text), so there is nothing to fill; to score imputation on "
+            "this complete table, pass --benchmark (it removes --missing-rate of the entries at random)"
+        )
+    return table
 
 
 def mean_imputation(z, mask):
@@ -163,32 +211,49 @@ def train_method(method, x, mask, steps, batch_size, quiet=False):
     return running
 
 
+def _by_rows(name, model, x, mask, fill):
+    """``fill(imputer, x rows, mask rows)`` for :data:`IMPUTE_ROWS` rows at a time, with the
+    :class:`Imputer` of ``model`` and the proposal of method ``name``, concatenated."""
+    imputer = Imputer(model.model, model.guide, guide_inputs=MISSING_DATA_INPUTS[name](), **PLATES)
+    return torch.cat([fill(imputer, xb, mb) for xb, mb in zip(x.split(IMPUTE_ROWS), mask.split(IMPUTE_ROWS))])
+
+
 def model_imputation(model, name, x, mask, num_particles):
     """``x`` with its missing entries replaced by the importance sampling estimate of
     :math:`\\mathbb E[x_m \\mid x_o]` (:meth:`Imputer.mean`), ``num_particles`` particles per
     row from the proposal of method ``name``, :data:`IMPUTE_ROWS` rows at a time."""
-    imputer = Imputer(model.model, model.guide, guide_inputs=MISSING_DATA_INPUTS[name](), **PLATES)
-    parts = [
-        imputer.mean(xb, mb, num_particles=num_particles, chunk_size=IMPUTE_CHUNK)
-        for xb, mb in zip(x.split(IMPUTE_ROWS), mask.split(IMPUTE_ROWS))
-    ]
-    return torch.cat(parts)
+    return _by_rows(name, model, x, mask, lambda imputer, xb, mb: imputer.mean(
+        xb, mb, num_particles=num_particles, chunk_size=IMPUTE_CHUNK))
+
+
+def model_draws(model, name, x, mask, num_particles):
+    """``x`` with its missing entries replaced by one draw per row from the importance-weighted
+    posterior (:meth:`Imputer.sample` with ``mean=False``): ``num_particles`` particles from the
+    proposal of method ``name``, one resampled by its normalised weight, and the model's draw
+    of the missing entries given it; :data:`IMPUTE_ROWS` rows at a time."""
+    return _by_rows(name, model, x, mask, lambda imputer, xb, mb: imputer.sample(
+        xb, mb, num_particles=num_particles, mean=False, chunk_size=IMPUTE_CHUNK))
 
 
 # --- a run --------------------------------------------------------------------------------------
 class ImputeRun:
     """One ``impute`` run, from parsed arguments (see :mod:`.cli`).
 
-    :meth:`prepare` checks the run directory, loads, standardises and masks the table and
-    builds the model and method; it raises :class:`RunError`, a ``ValueError`` for an
-    unusable table or :class:`~pyro_iwem.data.DataFileError`. :meth:`run` trains, imputes,
-    writes ``metrics.json`` and ``imputed.csv`` and returns the metrics.
+    :meth:`prepare` checks the options and the run directory, loads and standardises the table,
+    masks it (the benchmark) or finds its gaps, and builds the model and method; it raises
+    :class:`RunError`, a ``ValueError`` for an unusable table or
+    :class:`~pyro_iwem.data.DataFileError`. :meth:`run` trains, imputes, writes
+    ``metrics.json`` and ``imputed.csv`` (and the ``--multiple`` imputations) and returns the
+    metrics.
     """
 
     def __init__(self, args):
         self.args = args
         self.run_dir = pathlib.Path(args.out)
         self.trained = args.method != "mean"
+        self.benchmark = bool(getattr(args, "benchmark", False)) or args.dataset is not None
+        self.multiple = getattr(args, "multiple", None) or 0
+        self.table = None
 
     def _check_run_dir(self):
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -198,16 +263,40 @@ class ImputeRun:
 
     def _check_options(self):
         args = self.args
-        if args.dataset is not None and (args.sep != "," or args.drop_columns or args.header is not None):
-            raise RunError("--sep, --drop-columns, --header and --no-header apply to --csv only")
+        if args.dataset is not None and (
+            args.sep != "," or args.drop_columns or args.header is not None or getattr(args, "missing_values", None)
+        ):
+            raise RunError("--sep, --drop-columns, --header, --no-header and --missing-values apply to --csv only")
+        if not self.benchmark and args.missing_rate is not None:
+            raise RunError(
+                "--missing-rate is the rate of --benchmark, which removes entries of a complete table "
+                "at random and scores their imputation; add --benchmark (filling a table's own gaps takes no rate)"
+            )
+        if self.multiple and self.benchmark:
+            raise RunError("--multiple applies to filling a table's gaps, not to --benchmark or --dataset")
+        if self.multiple and not self.trained:
+            raise RunError("--multiple needs a trained --method: mean imputation has no posterior to draw from")
 
     def _load(self):
         args = self.args
-        self.x = load_table(args.dataset, args.csv, args.sep, args.drop_columns, args.header, args.data_root)
-        self.z, self.col_mean, self.col_std = standardize(self.x)
-        self.mask = mcar_mask(self.z.shape, args.missing_rate, args.seed).numpy()
-        if self.mask.all():
-            raise RunError(f"no entry of the {self.z.shape[0]} x {self.z.shape[1]} table was removed; raise --missing-rate")
+        if self.benchmark:
+            self.x = load_table(args.dataset, args.csv, args.sep, args.drop_columns, args.header, args.data_root)
+            self.z, self.col_mean, self.col_std = standardize(self.x)
+            self.mask = mcar_mask(self.z.shape, self.missing_rate, args.seed).numpy()
+            if self.mask.all():
+                raise RunError(f"no entry of the {self.z.shape[0]} x {self.z.shape[1]} table was removed; raise --missing-rate")
+        else:
+            self.table = load_gaps(args.csv, args.sep, args.drop_columns, args.header, getattr(args, "missing_values", None) or ())
+            self.x = self.table.values
+            self.z, self.col_mean, self.col_std = standardize(self.x)
+            self.mask = self.table.observed
+
+    @property
+    def missing_rate(self):
+        """The benchmark's rate of removed entries (``None`` when filling gaps)."""
+        if not self.benchmark:
+            return None
+        return IMPUTE_DEFAULTS["missing_rate"] if self.args.missing_rate is None else self.args.missing_rate
 
     def _build(self):
         args = self.args
@@ -216,6 +305,10 @@ class ImputeRun:
         self.model = TabularVAE(self.z.shape[1], z_dim=args.z_dim, likelihood=args.likelihood)
         annealing = Annealing(0.01, every=annealing_every(args.steps))
         self.method = make_method(vars(args), self.model, annealing)
+
+    def _outputs(self):
+        """The files a run writes (``--force`` removes those of an earlier run first)."""
+        return [METRICS, IMPUTED, MODEL] + [path.name for path in self.run_dir.glob(MULTIPLE.format("*"))]
 
     def prepare(self):
         self._check_options()
@@ -226,10 +319,14 @@ class ImputeRun:
         if self.trained:
             self._build()
         if self.args.force:  # the old files go once the new run is set up
-            for name in (METRICS, IMPUTED, MODEL):
+            for name in self._outputs():
                 (self.run_dir / name).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return self
+
+    def _tensors(self):
+        """The standardised table zero-filled where missing, and the mask, as tensors."""
+        return torch.as_tensor(np.where(self.mask, self.z, 0.0), dtype=torch.float32), torch.as_tensor(self.mask)
 
     def _impute(self):
         """``(imputed z, final training loss, train seconds, impute seconds)``."""
@@ -237,8 +334,7 @@ class ImputeRun:
             start = time.perf_counter()
             return mean_imputation(self.z, self.mask), None, 0.0, time.perf_counter() - start
         args = self.args
-        x0 = torch.as_tensor(np.where(self.mask, self.z, 0.0), dtype=torch.float32)
-        mask = torch.as_tensor(self.mask)
+        x0, mask = self._tensors()
         start = time.perf_counter()
         loss = train_method(self.method, x0, mask, args.steps, args.batch_size, args.quiet)
         middle = time.perf_counter()
@@ -246,21 +342,44 @@ class ImputeRun:
         imputed = np.where(self.mask, self.z, imputed.double().numpy())
         return imputed, loss, middle - start, time.perf_counter() - middle
 
+    def _original(self, z):
+        """``z`` in the table's units, with the observed entries exactly as read."""
+        return np.where(self.mask, self.x, z * self.col_std + self.col_mean)
+
+    def _write_completed(self, z, name):
+        with atomic_path(self.run_dir / name) as tmp, open(tmp, "w", encoding=self.table.encoding, newline="") as f:
+            f.write(self.table.completed_text(self._original(z)))
+
+    def _write_multiple(self):
+        """The ``--multiple`` imputations; returns their file names."""
+        x0, mask = self._tensors()
+        names = []
+        for m in range(1, self.multiple + 1):
+            draw = model_draws(self.model, self.args.method, x0, mask, self.args.impute_K).double().numpy()
+            names.append(MULTIPLE.format(m))
+            self._write_completed(np.where(self.mask, self.z, draw), names[-1])
+        return names
+
     def run(self):
         imputed, loss, train_seconds, impute_seconds = self._impute()
-        metrics = {
-            **self._settings(),
-            "mse": imputation_mse(imputed, self.z, self.mask),
-            "mean_mse": imputation_mse(mean_imputation(self.z, self.mask), self.z, self.mask),
-            "final_loss": loss,
-            "final_alpha": self.method.alpha if self.trained else None,
-            "train_seconds": train_seconds,
-            "impute_seconds": impute_seconds,
-            "wall_seconds": train_seconds + impute_seconds,
-            "threads": torch.get_num_threads(),
-        }
-        original = np.where(self.mask, self.x, imputed * self.col_std + self.col_mean)
-        write_table(original, self.run_dir / IMPUTED)
+        metrics = {**self._settings()}
+        if self.benchmark:
+            metrics["mse"] = imputation_mse(imputed, self.z, self.mask)
+            metrics["mean_mse"] = imputation_mse(mean_imputation(self.z, self.mask), self.z, self.mask)
+            write_table(self._original(imputed), self.run_dir / IMPUTED)
+        else:
+            self._write_completed(imputed, IMPUTED)
+            start = time.perf_counter()
+            metrics["files"] = [IMPUTED] + (self._write_multiple() if self.multiple else [])
+            impute_seconds += time.perf_counter() - start
+        metrics.update(
+            final_loss=loss,
+            final_alpha=self.method.alpha if self.trained else None,
+            train_seconds=train_seconds,
+            impute_seconds=impute_seconds,
+            wall_seconds=train_seconds + impute_seconds,
+            threads=torch.get_num_threads(),
+        )
         if self.trained:
             state = {"model": self.model.state_dict(), "settings": metrics, "mean": self.col_mean, "std": self.col_std}
             atomic_torch_save(state, self.run_dir / MODEL)
@@ -275,11 +394,19 @@ class ImputeRun:
             "dataset": args.dataset if args.dataset is not None else str(args.csv),
             "csv": None if args.csv is None else str(pathlib.Path(args.csv).resolve()),
             "seed": args.seed,
-            "missing_rate": args.missing_rate,
+            "missing_rate": self.missing_rate,
             "n_rows": rows,
             "n_features": cols,
             "n_missing": int((~self.mask).sum()),
         }
+        if not self.benchmark:
+            settings.update(
+                mode="fill",
+                columns=self.table.kept_names,
+                filled=self.table.missing_counts(),
+                rows_without_observed=int((~self.mask).all(1).sum()),
+                multiple=self.multiple,
+            )
         if self.trained:
             settings.update(
                 {key: getattr(args, key) for key in ("K", "J", "batch_size", "lr", "steps", "impute_K", "likelihood")},
@@ -290,15 +417,30 @@ class ImputeRun:
 
 
 def summary_line(metrics, run_dir):
-    """The one-line result of a run."""
+    """The result of a run: one line for the benchmark; for a filled table, one line and
+    the cells filled per column."""
     m = metrics
     trained = f" K={m['K']} J={m['J']} {m['steps']} steps" if "K" in m else ""
-    return (
-        f"{m['dataset']} {m['method']}{trained} seed={m['seed']}: imputation MSE {m['mse']:.4f} "
-        f"(mean imputation {m['mean_mse']:.4f}) over {m['n_missing']} missing entries of "
-        f"{m['n_rows']} x {m['n_features']}; train {m['train_seconds']:.0f} s, impute "
-        f"{m['impute_seconds']:.0f} s -> {run_dir}"
-    )
+    times = f"train {m['train_seconds']:.0f} s, impute {m['impute_seconds']:.0f} s"
+    if m.get("mode") != "fill":
+        return (
+            f"{m['dataset']} {m['method']}{trained} seed={m['seed']}: imputation MSE {m['mse']:.4f} "
+            f"(mean imputation {m['mean_mse']:.4f}) over {m['n_missing']} missing entries of "
+            f"{m['n_rows']} x {m['n_features']}; {times} -> {run_dir}"
+        )
+    files = m["files"]
+    written = files[0] if len(files) == 1 else f"{files[0]}, and {len(files) - 1} multiple imputations {files[1]} ... {files[-1]}"
+    empty = m["rows_without_observed"]
+    lines = [
+        f"{m['dataset']} {m['method']}{trained} seed={m['seed']}: filled {m['n_missing']} missing cells of "
+        f"{m['n_rows']} x {m['n_features']}"
+        + (f" ({empty} row(s) had no observed cell)" if empty else "")
+        + f"; {times} -> {pathlib.Path(run_dir) / written}",
+        "cells filled per column:",
+    ]
+    width = max(map(len, m["filled"]))
+    lines += [f"  {name:<{width}}  {count}" for name, count in m["filled"].items()]
+    return "\n".join(lines)
 
 
 def metrics_text(metrics):

@@ -92,13 +92,36 @@ class Imputer:
         return torch.where(mask, x, imputed)
 
     @torch.no_grad()
-    def sample(self, *args, num_particles=100, mean=True, **kwargs):
+    def sample(self, *args, num_particles=100, mean=True, chunk_size=None, **kwargs):
         r"""One completion per datum by sampling importance resampling: draw ``num_particles``
         particles, pick one per datum with probability :math:`\bar w_k`, and fill the missing
         entries with its :math:`\mathbb E[x_m \mid z_k]` (``mean=True``, smooth pictures) or its
-        draw :math:`x_m \sim p(x_m \mid z_k)` (``mean=False``). Returns a tensor of ``x``'s shape.
+        draw :math:`x_m \sim p(x_m \mid z_k)` (``mean=False``: a draw from the
+        importance-weighted posterior, e.g. one of several multiple imputations, each call
+        independent). Returns a tensor of ``x``'s shape.
+
+        With ``chunk_size``, the particles are drawn ``chunk_size`` at a time and the pick is
+        kept across chunks by weight (a chunk's own pick replaces the one so far with
+        probability its share of the total weight), which is the same pick in distribution
+        as one pass, in the memory of one chunk.
         """
-        log_w, means, draws, x, mask, _ = self._draw(num_particles, args, kwargs)
-        pick = torch.distributions.Categorical(logits=log_w.T).sample()  # (B,)
-        chosen = (means if mean else draws)[pick, torch.arange(log_w.shape[1], device=pick.device)]
+        if num_particles < 1 or (chunk_size is not None and chunk_size < 1):
+            raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles} and {chunk_size}")
+        chunk_size = num_particles if chunk_size is None else chunk_size
+        chosen = log_total = subsample = None
+        remaining = num_particles
+        while remaining > 0:
+            n = min(chunk_size, remaining)
+            log_w, means, draws, x, mask, subsample = self._draw(n, args, kwargs, subsample)
+            pick = torch.distributions.Categorical(logits=log_w.T).sample()  # (B,)
+            picked = (means if mean else draws)[pick, torch.arange(log_w.shape[1], device=pick.device)]
+            chunk_total = log_w.double().logsumexp(0)
+            if chosen is None:
+                chosen, log_total = picked, chunk_total
+            else:
+                new_total = torch.logaddexp(log_total, chunk_total)
+                switch = torch.rand_like(new_total).log() < chunk_total - new_total
+                chosen = torch.where(switch.unsqueeze(-1), picked, chosen)
+                log_total = new_total
+            remaining -= n
         return torch.where(mask, x, chosen.reshape(x.shape).to(x.dtype))
