@@ -619,7 +619,7 @@ def shared_param_guide(x):
         pyro.sample("z", dist.Normal(w * x / (1.0 + w * w), s))
 
 
-# --- global latents, no data plate ----------------------------------------------------------
+# --- global latents (drawn once, outside the particle plate) ----------------------------------------------------------
 
 
 def global_model(x):
@@ -988,8 +988,10 @@ CATALOGUE = [
     Pattern("auxiliary_guide_site", normal_model, auxiliary_guide, (X1_64,)),
     Pattern("guide_reads_model_param", normal_model, shared_param_guide, (X1_64,)),
     # --- global latents and no data plate
-    Pattern("global_latent_outside_data_plate", global_model, global_guide, (X1_64,), warns="'mu'", datums=1),
-    Pattern("global_latent_dirichlet_obs", dirichlet_model, dirichlet_guide, (SIMPLEX,), warns="'c'", datums=1),
+    # globals are drawn once and the weights stay per datum given them (issue 20): N data, no coupling warning
+    Pattern("global_latent_outside_data_plate", global_model, global_guide, (X1_64,), datums=N),
+    Pattern("global_latent_dirichlet_obs", dirichlet_model, dirichlet_guide, (SIMPLEX,),
+            warns="every latent of the model is global.*'c'", datums=N),
     Pattern("no_data_plate", no_plate_model, no_plate_guide, (X2_64[0],), datums=1),
     Pattern("no_plate_scalar", scalar_model, scalar_guide, (X1_64[0],), datums=1),
     # --- autoguides

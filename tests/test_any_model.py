@@ -588,9 +588,10 @@ def global_latent_guide(x):
     pyro.sample("g", dist.Normal(loc, scale))
 
 
-def test_a_global_latent_warns_once_and_the_batch_is_one_datum():
-    """One warning naming 'g' per sampler; iwae_bound is one number, the exact joint log p(x_1..x_B)
-    (the guide is the exact posterior, so every weight is it)."""
+def test_a_global_latent_warns_once_and_the_bound_is_exact():
+    """A model whose only latent is global: one warning naming 'g' per sampler (L_K is then the
+    ELBO whatever K); the guide is the exact posterior, so L_K = log p(β) − log q(β) + Σ_i log p(x_i | β)
+    is the exact joint log p(x_1..x_B) at every draw, and iwae_bound's per-datum shares sum to it."""
     x = torch.tensor([0.3, -1.2, 2.0, 0.9], dtype=T)
     exact = dist.MultivariateNormal(torch.zeros(4, dtype=T), torch.eye(4, dtype=T) + 1.0).log_prob(x)
     loss = IWAELoss(5)
@@ -605,8 +606,8 @@ def test_a_global_latent_warns_once_and_the_batch_is_one_datum():
 
     with pytest.warns(ModelWarning, match="'g'"):
         bound = iwae_bound(global_latent_model, global_latent_guide, x, num_particles=20, chunk_size=7)
-    assert bound.shape == (1,)
-    assert bound.item() == pytest.approx(exact.item(), abs=1e-10)
+    assert bound.shape == (4,)
+    assert bound.sum().item() == pytest.approx(exact.item(), abs=1e-10)
 
 
 def test_iwem_bound_is_the_e_steps_log_mean_exp_averaged_over_data():

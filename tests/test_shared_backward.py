@@ -141,7 +141,7 @@ def test_two_passes_for_a_global_latent():
     """A latent every datum shares: its gradient sums over data with the θ-loss's weights and
     cannot be reweighted per datum."""
     x = torch.randn(6, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="not inside the data plate"):
+    with pytest.warns(UserWarning, match="every latent of the model is global.*'u'"):
         grads, expected, passes = shared_and_reference(
             global_model, global_guide, x, snis(1.0), scaled(optimal_proposal_objective)
         )

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .sampler import ParticleSampler
+from .transforms import ReplayGlobals
 from .util import device_of
 
 #: particles of the first chunk when the chunk size is chosen from a memory budget
@@ -28,7 +29,21 @@ def iwae_bound(
     inflation=1.0,
     **kwargs,
 ):
-    r"""Per-datum IWAE bound :math:`\log \frac{1}{K} \sum_{k=1}^K p(x_i, z_k) / q(z_k \mid x_i)`.
+    r"""Per-datum IWAE bound :math:`\log \frac{1}{K} \sum_{k=1}^K p(x_i, z_k) / q(z_k \mid x_i)`;
+    with global latents :math:`\beta`, each datum's share of L_K per datum.
+
+    With globals (latents outside the data plate) one :math:`\beta \sim q(\beta)` is drawn
+    and every chunk is drawn given it; the value for datum :math:`i` of the ``B`` is
+
+    .. math::
+        b_i = \log \frac1K \sum_{k=1}^K \frac{p(x_i, z_{ik} \mid \beta)}{q(z_{ik} \mid x_i, \beta)}
+            + \frac{1}{N} \big(\log p(\beta) - \log q(\beta)\big),
+
+    with :math:`N` the data plate's full size, so that :math:`\frac NB \sum_i b_i` is one draw of
+    L_K (:func:`~pyro_iwem.infer.objectives.outer_bound`), whose expectation is at most
+    :math:`\log p(x)` (by :math:`\mathrm{KL}(q(\beta) \| p(\beta \mid x))` as K grows), and the mean
+    of :math:`b_i` is comparable with :math:`\log p(x) / N`. Under subsampling it stays a bound in
+    expectation (the :math:`N/B` is outside the log-mean-exp).
 
     The K = ``num_particles`` samples are drawn a chunk at a time (so K = 5000 fits in
     memory); each chunk's log weights are cast to float64 and folded into a running
@@ -61,6 +76,7 @@ def iwae_bound(
         )
     sampler = ParticleSampler(model, guide, vectorize_particles=vectorize_particles) if sampler is None else sampler
     total = subsample = None
+    replay = ()  # the first chunk's globals, replayed in the others: one draw of β
     remaining = num_particles
     with torch.no_grad():
         while remaining > 0:
@@ -71,13 +87,19 @@ def iwae_bound(
                 )
             else:
                 n = min(chunk_size or remaining, remaining)
-                particles = sampler(n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation)
+                particles = sampler(
+                    n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation, transforms=replay
+                )
+            if total is None and particles.global_sites:
+                replay = (ReplayGlobals(particles),)
+                global_share = particles.log_global_w.double().sum() / particles.data_size
             subsample, log_w = particles.subsample, particles.log_w
             del particles  # its traces hold the chunk's decoder output: free it before the next draw
             chunk = torch.logsumexp(log_w.double(), 0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             remaining -= n
-    return total - math.log(num_particles)
+    bound = total - math.log(num_particles)
+    return bound + global_share if replay else bound
 
 
 def budget_chunk(draw, num_particles, memory_budget, device=None):

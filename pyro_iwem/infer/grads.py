@@ -74,16 +74,20 @@ def shared_draw_gradients(particles, theta_loss, phi_loss, theta, phi):
 
     The model's backward pass then costs what IWAE's does. Two passes (one per loss) when
     the ratio is not defined: model-proposed sites (a second path from the latents to the
-    losses), latents shared by particles or data (``Particles.layout`` is ``None``), or an
+    losses), latents shared by particles or data (``Particles.layout`` is ``None``, or global
+    latents, one value for every particle and datum), or an
     :math:`a_{ik}` that underflowed to 0 where :math:`b_{ik}` did not. Returns
     ``({param: gradient}, theta loss, phi loss)``; a non-finite loss or gradient is refused
     before anything is written to ``.grad``.
     """
     theta = [p for p in theta if p.requires_grad]
-    cut = [(i, z, leaf) for i, (z, leaf) in enumerate(zip(particles.latents, particles.model_latents))
-           if leaf is not None and leaf is not z]  # fmt: skip
+    latents = zip(particles.latents + particles.global_latents, particles.model_latents + particles.global_model_latents)
+    cut = [(i, z, leaf) for i, (z, leaf) in enumerate(latents) if leaf is not None and leaf is not z]
     leaves = [leaf for _, _, leaf in cut]
-    one_pass = particles.log_p.requires_grad and not particles.model_proposed and particles.layout is not None
+    one_pass = (
+        particles.log_p.requires_grad and not particles.model_proposed and particles.layout is not None
+        and not particles.global_sites
+    )
     if one_pass:  # the losses on a detached log p: a and b cost a few (K, B) operations
         detached = dataclasses.replace(particles, log_p=particles.log_p.detach().requires_grad_())
         theta_value, phi_value = _checked(theta_loss(detached)), _checked(phi_loss(detached))

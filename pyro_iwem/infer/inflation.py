@@ -113,7 +113,9 @@ class ProposalInflation(Messenger):
     sites are left alone, and so are :class:`~pyro.distributions.Delta` sites: they have no
     spread of their own, being a function of earlier sites (the latents of Pyro's
     autoguides, which are widened through their auxiliary site). Any other distribution
-    raises :class:`~pyro_iwem.infer.util.ModelError` naming the site.
+    raises :class:`~pyro_iwem.infer.util.ModelError` naming the site. With one factor per
+    particle, a global latent drawn once outside the particle plate (no particle dim) is
+    left alone.
 
     Used outside a particle plate, it sees the distributions the plates have broadcast::
 
@@ -147,6 +149,8 @@ class ProposalInflation(Messenger):
         if isinstance(base_distribution(msg["fn"]), dist.Delta):
             return
         factor = self.factor
+        if self.shape is not None and len(msg["fn"].batch_shape) < len(self.shape):
+            return  # a global drawn once, outside the particle plate: one draw for all particles, not widened
         if self.shape is not None:  # made here, in the site's dtype and on its device
             factor = torch.tensor(factor, **_dtype_and_device(msg["fn"])).reshape(self.shape)
         try:

@@ -4,10 +4,11 @@ import pyro.optim
 import torch
 
 from .annealing import Annealing, NoAnnealing
+from .collective import collective_step
 from .inflation import is_variance_factor
 from .grads import accumulate_grads, gradient_step, shared_draw_gradients
 from .losses import check_num_particles, proposal_loss
-from .objectives import effective_sample_size, log_mean_exp, snis_objective
+from .objectives import effective_sample_size, log_mean_exp, outer_bound, snis_objective
 from .transforms import CutLatents, DetachModelProposals
 from .util import ModelError, warn_once
 
@@ -69,6 +70,15 @@ class IWEM:
        :math:`-\sum_i \hat Q_\alpha(\theta; x_i)`, eq. (8) (:func:`~pyro_iwem.infer.objectives.snis_objective`);
     3. **P-step**: J fresh reparameterised draws at :math:`\theta_{t+1}`, one optimiser step
        on φ (the parameters the guide's distributions depend on, less θ) along :class:`OptimalProposalLoss`, eq. (7).
+
+    With global latents :math:`\beta` (latents outside the data plate), a step draws
+    :math:`\beta \sim q(\beta)` once per draw: the E-step's weights are per datum given the
+    detached :math:`\beta`; the M-step steps θ along
+    :math:`\log p(\beta; \theta) + \frac NB \sum_i \sum_k \bar w_{ik} \log p(x_i, z_{ik} \mid \beta; \theta)`
+    (annealing mixes the per-datum part with its ELBO); the P-step fits the local guide by eq. (7)
+    per datum at the drawn :math:`\beta` and the parameters of :math:`q(\beta)` along the gradient
+    of L_K (pathwise where :math:`\beta` is reparameterised, REINFORCE otherwise;
+    :func:`~pyro_iwem.infer.objectives.outer_bound`). :attr:`bound` is then L_K per datum.
 
     :param model: a Pyro model :math:`p(x, z; \theta)`; any plates, several latent sites,
         subsampling, missing data through ``obs_mask=`` or :func:`~pyro_iwem.observe_masked`.
@@ -212,16 +222,22 @@ class IWEM:
         return particles, self._e_loss(particles, alpha)
 
     def _e_loss(self, particles, alpha):
-        r""":math:`-\sum_i s \, \hat Q_\alpha(\theta; x_i)`, eq. (8), on the first K particles' weights."""
-        return -(particles.scale * snis_objective(particles, self.K, alpha)).sum()
+        r""":math:`-\sum_i s \, \hat Q_\alpha(\theta; x_i)`, eq. (8), on the first K particles' weights;
+        with global latents :math:`\beta` (drawn from their guide, detached) the M-step objective
+        :math:`-\big[\log p(\beta; \theta) + \frac NB \sum_i \hat Q_\alpha(\theta; x_i \mid \beta)\big]`,
+        the weights normalised per datum given :math:`\beta` (``log q(β)`` enters as a constant)."""
+        return -outer_bound(particles, snis_objective(particles, self.K, alpha))
 
     def step(self, *args, **kwargs):
         r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`.
 
         All or nothing: if the P-step refuses (a non-finite loss or gradient at
-        :math:`\theta_{t+1}`), θ and its optimiser state are put back as they were."""
-        guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
-        loss = self._step(args, kwargs, guide_args)
+        :math:`\theta_{t+1}`), θ and its optimiser state are put back as they were; with a
+        :class:`~pyro_iwem.distributed.DistributedOptim`, a step refused on one process is
+        refused on all (:func:`~pyro_iwem.infer.collective_step`)."""
+        with collective_step(self.model, self.guide, self.optim):
+            guide_args = self.sampler.inputs_for_guide(args, kwargs)  # one completion x̆ per step (miss-IWEM)
+            loss = self._step(args, kwargs, guide_args)
         self.annealing.step()
         self.num_steps += 1
         return loss
@@ -242,13 +258,20 @@ class IWEM:
         self._warn_if_empty(theta=theta)
         before = _Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
-        self._record_e_step(particles.log_w[: self.K].detach())
+        self._record_e_step(particles, self.K)
         return loss.item(), theta, particles.subsample, before
 
-    def _record_e_step(self, log_w):
-        """:attr:`ess` and :attr:`bound` of the E-step's K log weights ``(K, B)``."""
+    def _record_e_step(self, particles, num):
+        r""":attr:`ess` and :attr:`bound` of the E-step's first ``num`` particles: the mean per-datum
+        ESS (given β) and L_K per datum, :math:`\frac1N [\log p(\beta) - \log q(\beta)] + \frac1B \sum_i
+        \log \frac1K \sum_k w_{ik}` (without globals the mean per-datum IWAE bound)."""
+        log_w = particles.log_w[:num].detach()
         self.ess = effective_sample_size(log_w).mean().item()
-        self.bound = log_mean_exp(log_w).mean().item()
+        inner = log_mean_exp(log_w)
+        if particles.global_sites:
+            self.bound = (inner.mean() + particles.log_global_w.detach().sum() / particles.data_size).item()
+        else:
+            self.bound = inner.mean().item()
 
     def _warn_if_empty(self, theta=None, phi=None):
         """Warns once if a group given (not ``None``) is empty."""
@@ -277,8 +300,11 @@ class IWEM:
         self._warn_if_empty(phi=phi)
         if not phi:
             return float("nan")
-        loss = self.proposal_loss.phi_loss(particles)
-        gradient_step(loss, phi, self.optim)
+        grads, loss = self.proposal_loss.phi_gradients(particles, phi)  # q(β): along L_K (class doc)
+        params = accumulate_grads(grads)
+        self.optim(params)
+        for p in params:
+            p.grad = None
         return loss.item()
 
     def evaluate_loss(self, *args, **kwargs):
@@ -379,6 +405,6 @@ class OnePassIWEM(IWEM):
             self.optim(accumulate_grads({p: grads[p] for p in params if p in grads}))
         for p in grads:
             p.grad = None
-        self._record_e_step(particles.log_w.detach())
+        self._record_e_step(particles, particles.num_particles)
         self.p_loss = p_loss.item()
         return e_loss.item()

@@ -26,8 +26,12 @@ import math
 import torch
 from pyro.infer import ELBO
 
+from .collective import collective_step
 from .grads import accumulate_grads, gradients
-from .objectives import elbo_objective, iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective
+from .objectives import (
+    elbo_objective, iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective, outer_bound,
+)
+from .params import global_guide_params
 from .sampler import ParticleSampler
 from .sites import is_missing_entries
 from .transforms import LatentViews, StopProposalParams
@@ -62,6 +66,10 @@ class ParticleLoss(ELBO):
     """
 
     stop_proposal_params = False
+    #: with global latents, the per-datum objective whose L_K gradient the global guide's
+    #: parameters take when the φ objective is not itself a bound (OptimalProposalLoss: IWAE);
+    #: ``None``: the φ objective's own.
+    global_guide_objective = None
     #: give the latents views of their own in the graph (a hook on them rescales what reaches the guide)
     latent_views = False
     #: whether a model latent the guide leaves out changes what this loss means (it is then
@@ -101,12 +109,29 @@ class ParticleLoss(ELBO):
         return theta_objective if theta_objective is not None else phi_objective
 
     def scaled(self, particles, objective):
-        """``-sum_i scale * objective_i``: the batch loss of a per-datum objective."""
-        return -(particles.scale * objective).sum()
+        r"""The batch loss of a per-datum objective, ``-sum_i scale * objective_i``; with global
+        latents :math:`-L`, :math:`L = \log p(\beta) - \log q(\beta) + \frac NB \sum_i F_i`
+        (:func:`~pyro_iwem.infer.objectives.outer_bound`)."""
+        return -outer_bound(particles, objective)
 
     def phi_loss(self, particles):
         """The batch loss whose φ-gradient this estimator takes (its φ objective, scaled)."""
         return self.scaled(particles, self.objectives(particles)[1])
+
+    def phi_gradients(self, particles, phi):
+        r"""``({param: gradient}, loss)``: the φ loss (:meth:`phi_loss`) and its gradient for
+        ``phi``; with global latents and a ``global_guide_objective``, the parameters of
+        :math:`q(\beta)` take instead the gradient of :math:`-L_K` with that objective inside
+        (:func:`~pyro_iwem.infer.objectives.outer_bound`), the others keep the φ loss's, taken
+        with :math:`\beta` held at its draw (it does not depend on them)."""
+        loss = self.phi_loss(particles)
+        if self.global_guide_objective is None or not particles.global_sites:
+            return gradients(loss, phi), loss
+        global_phi = global_guide_params(particles, phi)
+        grads = gradients(loss, tuple(p for p in phi if p not in set(global_phi)), retain_graph=bool(global_phi))
+        if global_phi:
+            grads.update(gradients(self.scaled(particles, self.global_guide_objective(particles)), global_phi))
+        return grads, loss
 
     def _particles(self, model, guide, args, kwargs):
         sampler = self.sampler(model, guide)
@@ -136,10 +161,12 @@ class ParticleLoss(ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """The loss as a float; accumulates θ's and φ's estimator into the params' ``.grad``.
-        Every check runs, and every gradient is computed, before any ``.grad`` is written."""
-        particles = self._particles(model, guide, args, kwargs)
-        self.grads_from_particles(particles)
-        return self.scaled(particles, self.value(particles)).item()
+        Every check runs, and every gradient is computed, before any ``.grad`` is written; a
+        step refused on one process is refused on all (:func:`~pyro_iwem.infer.collective_step`)."""
+        with collective_step(model, guide) as step:
+            particles = self._particles(model, guide, args, kwargs)
+            step.ordered(self.grads_from_particles(particles))  # the trace order, for an optimiser handed a set
+            return self.scaled(particles, self.value(particles)).item()
 
     def grads_from_particles(self, particles):
         """Accumulates this estimator's θ and φ gradients on ``particles`` into ``.grad``."""
@@ -152,10 +179,11 @@ class ParticleLoss(ELBO):
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
             return gradients(self.scaled(particles, theta_objective), groups.theta + groups.phi)  # shared ⊂ θ
-        pairs = [(o, p) for o, p in ((theta_objective, groups.theta), (phi_objective, groups.phi)) if o is not None]
         grads = {}
-        for i, (objective, params) in enumerate(pairs):  # both from one graph: keep it for the second
-            grads.update(gradients(self.scaled(particles, objective), params, retain_graph=i + 1 < len(pairs)))
+        if theta_objective is not None:  # both from one graph: keep it for the second
+            grads.update(gradients(self.scaled(particles, theta_objective), groups.theta, retain_graph=True))
+        if phi_objective is not None:
+            grads.update(self.phi_gradients(particles, groups.phi)[0])
         return grads
 
     def _refuse_shared(self, groups):
@@ -261,7 +289,9 @@ class OptimalProposalLoss(ParticleLoss):
             \frac{|\log p(x_i, z_{ij}; \theta)| \; p(x_i, z_{ij}; \theta)}{q(z_{ij} \mid x_i; \phi)},
         \qquad z_{ij} \sim q(z \mid x_i; \phi) \text{ reparameterised},
 
-    in log space, with :math:`s` the data plate's subsampling scale. The loss fits the
+    in log space, with :math:`s` the data plate's subsampling scale; with global latents
+    :math:`\beta` the weights are given the drawn :math:`\beta` and the parameters of
+    :math:`q(\beta)` step along the gradient of L_K instead (:meth:`phi_gradients`). The loss fits the
     proposal only: :meth:`loss_and_grads` computes gradients for the parameters only the
     guide touches (φ) and never for the model's (θ), so
     ``SVI(model, guide, optim, OptimalProposalLoss())`` steps the guide alone. (Stepping θ
@@ -277,6 +307,7 @@ class OptimalProposalLoss(ParticleLoss):
     """
 
     warns_model_proposed = False  # IWEM's P-step: model-proposed latents are the E-step's business
+    global_guide_objective = staticmethod(iwae_objective)  # q(β) along L_K: eq. (7) is per datum at fixed β
 
     def __init__(
         self,

@@ -128,5 +128,31 @@ def optimal_proposal_objective(particles, log_p_offset=0.0):
     return multi_sample(log_mean_exp, ell, _sum_optional(particles.log_score, particles.log_score_leaves))
 
 
+def outer_bound(particles, per_datum):
+    r"""The batch objective with global latents :math:`\beta` (drawn once, outside the particle plate):
+
+    .. math::
+        L_K = \log p(\beta) - \log q(\beta)
+            + \frac{N}{B} \sum_{i=1}^B F_i(\beta),
+        \qquad \beta \sim q(\beta),
+
+    with :math:`F_i` = ``per_datum`` (for IWAE :math:`\log \frac1K \sum_k p(x_i, z_{ik} \mid \beta) /
+    q(z_{ik} \mid x_i, \beta)`, the per-datum IWAE given β) and :math:`N/B` the data plate's
+    scale, outside the log: an ordinary ELBO over β with the per-datum bound inside, unbiased
+    under subsampling. Without globals it is :math:`\frac{N}{B} \sum_i F_i`. The gradient is
+    pathwise through a reparameterised β; for globals without ``rsample`` a zero-valued term adds
+    REINFORCE's :math:`(L_K - b)\, \nabla \log q(\beta)`, with the baseline :math:`b` =
+    ``particles.global_baseline`` (a number, e.g. a running mean of earlier steps; 0 by default)."""
+    value = (particles.scale * per_datum).sum()
+    if not particles.global_sites:
+        return value
+    value = value + particles.log_global_w.sum()
+    score = particles.log_global_score
+    if score is not None and score.requires_grad:
+        signal = value.detach() - particles.global_baseline
+        value = value + signal * (score - score.detach()).sum()
+    return value
+
+
 def _sum_optional(a, b):
     return b if a is None else a if b is None else a + b

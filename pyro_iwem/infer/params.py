@@ -54,6 +54,14 @@ def graph_leaves(roots, stop=()):
     return leaves
 
 
+def global_guide_params(particles, params):
+    """The tensors of ``params`` that the globals' proposal :math:`q(\beta)` depends on (its
+    log density and the values it drew), the global guide's parameters, in ``params``' order."""
+    roots = [particles.log_global_q, particles.log_global_score, *particles.global_latents]
+    found = {id(t) for t in graph_leaves([r for r in roots if r is not None])}
+    return tuple(p for p in params if id(p) in found)
+
+
 class ParamSplitter:
     """Finds and caches the θ/φ split of a model and guide from their graphs (see module doc)."""
 
@@ -67,10 +75,12 @@ class ParamSplitter:
         key = (frozenset(params), particles.structure)
         ids = {id(t): name for name, t in params.items()}
         if key not in self._theta and particles.log_p.requires_grad:
-            leaves = graph_leaves([particles.log_p], stop=particles.latents)
+            stop = particles.latents + particles.global_latents
+            leaves = graph_leaves([particles.log_p, particles.log_global_p], stop=stop)
             self._theta[key] = frozenset(ids[id(t)] for t in leaves if id(t) in ids)
         if key not in self._guide and particles.guide_has_graph:
-            roots = [particles.log_q, particles.log_score, *particles.latents]
+            roots = [particles.log_q, particles.log_score, *particles.latents, *particles.global_latents,
+                     particles.log_global_q, particles.log_global_score]  # fmt: skip
             leaves = graph_leaves([r for r in roots if r is not None])
             self._guide[key] = frozenset(ids[id(t)] for t in leaves if id(t) in ids)
         theta = self._theta.get(key, frozenset())

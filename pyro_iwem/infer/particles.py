@@ -28,6 +28,14 @@ class Particles:
       full :math:`\log p`, such as IWEM's optimal P-step.
     * ``scale``: the data plate's subsampling scale (full size / subsample size); the
       tensors above are unscaled, so weights are normalised per datum before scaling.
+    * ``log_global_p``, ``log_global_q``, ``log_global_model_proposed``, ``log_global_score``:
+      with global latents :math:`\beta` (latents outside the data plate, drawn once per draw
+      outside the particle plate), :math:`\log p(\beta)`, :math:`\log q(\beta)`, the part of
+      :math:`\log p(\beta)` the model proposed, and the score term of the non-reparameterised
+      globals: one entry per draw of :math:`\beta`, shape ``(1,)``, not per datum (``None``
+      without globals). The tensors above are then given :math:`\beta`:
+      :math:`\log p(x_i, z_{ik} \mid \beta)` and :math:`\log q(z_{ik} \mid x_i, \beta)`.
+    * ``global_sites``: the names of the global latents.
 
     Which site feeds which tensor is the table of :mod:`pyro_iwem.infer.sites`. The
     importance weight of a particle is the joint over the whole proposal density,
@@ -55,6 +63,17 @@ class Particles:
     structure: frozenset = frozenset()
     latent_event_dims: list = field(default_factory=list)
     layout: tuple | None = None  # (dims of a site's batch shape, position of the data dim): vectorised only
+    log_global_p: torch.Tensor | None = None
+    log_global_q: torch.Tensor | None = None
+    log_global_model_proposed: torch.Tensor | None = None
+    log_global_score: torch.Tensor | None = None
+    global_sites: tuple = ()
+    #: the baseline of the REINFORCE term of non-reparameterised globals (objectives.outer_bound)
+    global_baseline: float = 0.0
+    #: the guide's global latent values (``log_global_*`` and these are the first draw's in :meth:`cat`)
+    global_latents: list = field(default_factory=list)
+    #: the tensors the model replayed for ``global_latents`` (as ``model_latents``)
+    global_model_latents: list = field(default_factory=list)
 
     @classmethod
     def cat(cls, draws):
@@ -78,6 +97,18 @@ class Particles:
     @property
     def log_w(self):
         return self.log_p - self.log_q - self.log_model_proposed
+
+    @property
+    def log_global_w(self):
+        r""":math:`\log p(\beta) - \log q(\beta)`, ``(1,)`` (zero without globals)."""
+        if self.log_global_p is None:
+            return self.log_p.new_zeros(1)
+        return self.log_global_p - self.log_global_q - self.log_global_model_proposed
+
+    @property
+    def data_size(self):
+        """The number of data the batch stands for, scale × batch size (the N of L_K's N/B)."""
+        return self.scale * self.log_p.shape[1]
 
     @property
     def num_particles(self):

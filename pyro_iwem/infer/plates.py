@@ -10,23 +10,113 @@ size) is applied after normalisation, never inside it.
 
 import pyro
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .checks import VECTORIZE_HINT
-from .sites import density_sites
+from .enumeration import wants_enumeration
+from .sites import density_sites, is_auxiliary
 from .util import ModelError
 
 PARTICLE_PLATE = "_iwem_particles"
 
 
-def vectorize(fn, num_particles, dim):
-    """``fn`` run inside a particle plate of ``num_particles`` at ``dim``."""
+def vectorize(fn, num_particles, dim, global_latents=None):
+    """``fn`` run inside a particle plate of ``num_particles`` at ``dim``; the sites that
+    ``global_latents`` (:class:`GlobalLatents`) calls global are drawn once, outside it."""
 
     def vectorized(*args, **kwargs):
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+        if global_latents is None or not global_latents.active:
+            with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+                return fn(*args, **kwargs)
+        once = DrawGlobalsOnce(global_latents)
+        with once.outside, pyro.plate(PARTICLE_PLATE, num_particles, dim=dim), once.inside:
             return fn(*args, **kwargs)
 
     return vectorized
+
+
+class GlobalLatents:
+    """Which latent sites are globals :math:`\beta`, drawn once per draw: latents outside the
+    data plate, not enumerated, of model or guide.
+
+    Found from one unvectorised run (:meth:`from_traces`). A guide site outside the data plate
+    that stands for per-datum latents (an auxiliary site, such as a joint autoguide's one
+    vector, when the model has latents inside the data plate; or a guide site whose model site
+    is inside it) cannot be drawn once: it couples the batch, which is then one datum
+    (``coupling`` names it, and no site is global).
+
+    :param str data_plate: the data plate's name (``None``: no data plate, nothing is global).
+    :param bool has_locals: whether the model has a latent inside the data plate.
+    :param tuple coupling: guide sites that couple the batch.
+    """
+
+    def __init__(self, data_plate=None, has_locals=True, coupling=()):
+        self.data_plate = data_plate
+        self.has_locals = has_locals
+        self.coupling = tuple(coupling)
+
+    @property
+    def active(self):
+        return self.data_plate is not None and not self.coupling
+
+    @classmethod
+    def from_traces(cls, data_plate, model_trace, guide_trace):
+        if not data_plate:
+            return cls(None)
+        inside = {name for name, site in density_sites(model_trace)
+                  if not site["is_observed"] and in_plate(site, data_plate)}  # fmt: skip
+        coupling = []
+        for name, site in density_sites(guide_trace):
+            if site["is_observed"] or in_plate(site, data_plate):
+                continue
+            if (is_auxiliary(site) and inside) or name in inside:
+                coupling.append(name)
+        return cls(data_plate, bool(inside), coupling)
+
+    def is_global(self, site):
+        """Whether sample site (or message) ``site`` is a global latent, drawn once."""
+        if not self.active or site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            return False
+        if site["infer"].get("_deterministic") or wants_enumeration(site) or site["infer"].get("_enumerate_dim") is not None:
+            return False
+        if is_auxiliary(site) and self.has_locals:
+            return False
+        return not in_plate(site, self.data_plate)
+
+
+class DrawGlobalsOnce:
+    """Two messengers around the particle plate: ``inside`` keeps a global site's
+    distribution as the model's plates left it, ``outside`` puts it back after the particle
+    plate broadcast it and takes the particle plate off the site's stack, so that the site
+    is drawn (and scored) once, without the particle dimension."""
+
+    def __init__(self, global_latents):
+        self.kept = {}
+        self.inside = _KeepGlobal(global_latents, self.kept)
+        self.outside = _RestoreGlobal(self.kept)
+
+
+class _KeepGlobal(Messenger):
+    def __init__(self, global_latents, kept):
+        super().__init__()
+        self.global_latents = global_latents
+        self.kept = kept
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and self.global_latents.is_global(msg):
+            self.kept[msg["name"]] = msg["fn"]
+
+
+class _RestoreGlobal(Messenger):
+    def __init__(self, kept):
+        super().__init__()
+        self.kept = kept
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.kept:
+            msg["fn"] = self.kept.pop(msg["name"])
+            msg["cond_indep_stack"] = tuple(f for f in msg["cond_indep_stack"] if f.name != PARTICLE_PLATE)
 
 
 def find_data_plate(model_trace):
@@ -90,6 +180,7 @@ class PerDatum:
         self.ndim = ndim
         self.data_position = data_position
         self.terms = []  # (total name, site name, is latent, (n, b) tensor, in the data plate)
+        self.global_terms = []  # (total name, site name, scalar): the globals' log densities, one per draw
 
     def per_datum(self, name, log_prob):
         if log_prob.dim() > self.ndim:
@@ -106,6 +197,24 @@ class PerDatum:
 
     def add(self, total, name, log_prob, latent, in_data_plate):
         self.terms.append((total, name, latent, self.per_datum(name, log_prob), in_data_plate))
+
+    def add_global(self, total, name, log_prob, latent=True, in_data_plate=False):
+        """A global site's log density: summed over all its dims, one number for the draw."""
+        self.global_terms.append((total, name, log_prob.sum()))
+
+    def global_names(self):
+        return {name for _, name, _ in self.global_terms}
+
+    def global_totals(self, like):
+        """Named ``(1,)`` totals of the globals (``log_global_p``, ``log_global_q``,
+        ``log_global_model_proposed``; ``log_global_score`` only where a global has no pathwise gradient)."""
+        out = {}
+        for total, _, value in self.global_terms:
+            out[total] = value if total not in out else out[total] + value
+        zero = like.new_zeros(())
+        for total in ("log_global_p", "log_global_q", "log_global_model_proposed"):
+            out.setdefault(total, zero)
+        return {k: v.reshape(1) for k, v in out.items()}
 
     def has(self, total):
         return any(t[0] == total for t in self.terms)

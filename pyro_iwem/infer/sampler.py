@@ -20,13 +20,17 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import is_validation_enabled, site_is_subsample
 
-from . import checks
+from .checks import (
+    check_batch_dims_declared, check_finite_inputs, check_log_weights, check_observed, check_replayed_shape,
+    warn_guide_enumeration, with_vectorize_hint,
+)
 from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
 from .inflation import ProposalInflation, per_particle
 from .params import ParamSplitter
 from .particles import Particles
 from .plates import (
-    PARTICLE_PLATE, PerDatum, data_frame, data_scale, find_data_plate, in_plate, plate_dims, subsample_trace, vectorize,
+    PARTICLE_PLATE, GlobalLatents, PerDatum, data_frame, data_scale, find_data_plate, in_plate, plate_dims,
+    subsample_trace, vectorize,
 )
 from .sites import (
     TOTALS, SCORE_TOTALS, SiteRole, base_distribution, classify, density_sites, is_pathwise, model_leaves,
@@ -50,7 +54,7 @@ class _ProposeFromModel(Messenger):
         if msg["is_observed"] or site_is_subsample(msg):
             return
         if msg["name"] in self.guide_trace.nodes:
-            checks.check_replayed_shape(msg["name"], msg)  # before the model computes with the value
+            check_replayed_shape(msg["name"], msg)  # before the model computes with the value
             return
         if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
             return
@@ -69,24 +73,33 @@ def run_guide(guide, args, kwargs):
     try:
         return poutine.trace(guide).get_trace(*args, **kwargs)
     except (ValueError, RuntimeError) as error:
-        checks.check_finite_inputs(args, kwargs, error)
+        check_finite_inputs(args, kwargs, error)
         raise
 
 
-def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
-    """The deepest plate nesting of one unvectorised run of the guide and the replayed model.
-
-    Runs in a forked RNG stream, so that guessing draws no random numbers of the caller's."""
+def probe(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
+    """``(guide_trace, model_trace)`` of one unvectorised run of the guide and the replayed
+    model, without gradients, in a forked RNG stream (probing draws no random numbers of the caller's)."""
     guide_args = args if guide_args is None else guide_args
     guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
     with poutine.block(), torch.no_grad(), torch.random.fork_rng():
         guide_trace = run_guide(guide, guide_args, guide_kwargs)
         model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
+
+
+def max_plate_nesting_of(guide_trace, model_trace):
+    """The deepest plate nesting of the density sites of the traces (each checked to declare its batch dims)."""
     for trace in (guide_trace, model_trace):
         for name, site in density_sites(trace):
-            checks.check_batch_dims_declared(name, site)
+            check_batch_dims_declared(name, site)
     return max(plate_dims(guide_trace, model_trace), default=0)
+
+
+def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
+    """The deepest plate nesting of one unvectorised run of the guide and the replayed model (:func:`probe`)."""
+    return max_plate_nesting_of(*probe(model, guide, args, kwargs, guide_args, guide_kwargs))
 
 
 class ParticleSampler:
@@ -98,9 +111,14 @@ class ParticleSampler:
         from one run when ``None``.
     :param str data_plate: the name of the plate over data points whose dimension is kept
         (weights are normalised per datum). ``None`` detects it: the outermost plate that
-        encloses every observed site of the model. A model with no such plate is one datum;
-        so is a batch whose latents are not all inside the data plate (a global latent, a
-        joint autoguide's one vector), with a warning naming the site.
+        encloses every observed site of the model. A model with no such plate is one datum.
+        A latent outside the data plate is a global :math:`\beta`, drawn once per call
+        outside the particle plate (:class:`~pyro_iwem.infer.plates.GlobalLatents`): the
+        weights stay per datum given :math:`\beta`, and its log densities go to
+        ``Particles.log_global_*``. Only what cannot be drawn once (a joint autoguide's one
+        vector over per-datum latents, a latent in a sizeless plate the data do not fill, an
+        enumerated site outside the data plate) makes the batch one datum, with a warning
+        naming the site.
     :param guide_inputs: optional ``f(model, guide, args, kwargs) -> (args, kwargs)``, the
         guide's inputs, computed once per call outside the particle plate (the model
         still sees ``args``): :class:`~pyro_iwem.infer.missing.ImputedInputs` for
@@ -140,6 +158,7 @@ class ParticleSampler:
         self._validated = False
         self._enumerates = None
         self._leaves = None
+        self.global_latents = None  # GlobalLatents, found on the first call
 
     def __call__(self, num_particles, args, kwargs, grad_guide=True, guide_args=None, subsample=None, inflation=None,
                  transforms=()):  # fmt: skip
@@ -161,10 +180,8 @@ class ParticleSampler:
             a replayed guide trace).
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
-        if self.max_plate_nesting is None:
-            self.max_plate_nesting = guess_max_plate_nesting(
-                self.model, self.guide, args, kwargs, guide_args, guide_kwargs
-            )
+        if self.max_plate_nesting is None or self.global_latents is None:
+            self._probe(args, kwargs, guide_args, guide_kwargs)
         self._model_inputs = (args, kwargs)
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
@@ -180,8 +197,25 @@ class ParticleSampler:
                     raise NotImplementedError(f"{refused[0]} needs vectorize_particles=True")
                 particles = self._draw_loop(num_particles, inputs, subsample, draw)
         self._validated = True
-        checks.check_log_weights(particles.log_w)
+        check_log_weights(particles.log_w)
         return particles
+
+    def _probe(self, args, kwargs, guide_args, guide_kwargs):
+        """Reads max_plate_nesting, the data plate and the globals off one unvectorised run."""
+        guide_trace, model_trace = probe(self.model, self.guide, args, kwargs, guide_args, guide_kwargs)
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = max_plate_nesting_of(guide_trace, model_trace)
+        data_plate = self._find_data_plate(model_trace)
+        self.global_latents = found = GlobalLatents.from_traces(data_plate, model_trace, guide_trace)
+        globals_ = [name for name, site in density_sites(model_trace) if found.is_global(site)]
+        if globals_ and not found.has_locals:
+            warn_once(
+                self.warned,
+                "all-global",
+                f"every latent of the model is global (outside the data plate '{data_plate}': "
+                f"{', '.join(repr(n) for n in globals_)}): they are drawn once per step, and the bound L_K is "
+                "the ELBO whatever the number of particles (particles only repeat the same draw)",
+            )
 
     def inputs_for_guide(self, args, kwargs):
         """The guide's ``(args, kwargs)``: ``guide_inputs`` applied to the model's, or the same."""
@@ -192,7 +226,8 @@ class ParticleSampler:
     # drawing -------------------------------------------------------------------------
 
     def _run(self, guide, model, inputs, subsample, draw, first_enum_dim):
-        """One run of guide and replayed model: ``(guide_trace, model_trace)``."""
+        """One run of guide and replayed model: ``(guide_trace, model_trace)``; ``subsample``:
+        a trace both replay (the minibatch, and in a loop of particles the first run's globals)."""
         (args, kwargs), (guide_args, guide_kwargs) = inputs
         if subsample is not None:
             guide = poutine.replay(guide, trace=subsample)
@@ -200,7 +235,7 @@ class ParticleSampler:
         with torch.set_grad_enabled(draw.grad_proposal):
             guide_trace = run_guide(guide, guide_args, guide_kwargs)
         for name, site in density_sites(guide_trace):
-            checks.warn_guide_enumeration(name, site, self.warned)
+            warn_guide_enumeration(name, site, self.warned)
         for transform in draw.transforms:
             transform.guide_trace(guide_trace)
         annotations = EnumerationAnnotations()  # read inside the replay, which overwrites a site's infer
@@ -221,34 +256,41 @@ class ParticleSampler:
 
     def _draw_vectorized(self, num_particles, inputs, subsample, draw):
         particle_dim = -1 - self.max_plate_nesting
-        guide = vectorize(self.guide, num_particles, particle_dim)
+        guide = vectorize(self.guide, num_particles, particle_dim, self.global_latents)
         factors = draw.inflation
         if factors is not None:  # outside the particle plate: it sees the distributions the plates broadcast
             same = all(f == factors[0] for f in factors)
             guide = ProposalInflation(factors[0] if same else factors, dim=particle_dim)(guide)
         for transform in draw.transforms:
             guide = transform.guide(guide)
-        model = vectorize(self.model, num_particles, particle_dim)
+        model = vectorize(self.model, num_particles, particle_dim, self.global_latents)
         try:
             guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1)
             terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, draw)
         except ModelError:
             raise
         except (ValueError, RuntimeError, IndexError) as error:
-            raise checks.with_vectorize_hint(error)
+            raise with_vectorize_hint(error)
         subsample = subsample if subsample is not None else subsample_trace(guide_trace, model_trace)
         return self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, draw)
 
     def _draw_loop(self, num_particles, inputs, subsample, draw):
         ndim = 1 + self.max_plate_nesting
         runs = []
+        replayed = subsample  # the minibatch, then with the first run's globals: one draw of them per call
         for i in range(num_particles):
             guide = self.guide if draw.inflation is None else ProposalInflation(draw.inflation[i])(self.guide)
             for transform in draw.transforms:
                 guide = transform.guide(guide)
-            guide_trace, model_trace = self._run(guide, self.model, inputs, subsample, draw, -ndim)
+            guide_trace, model_trace = self._run(guide, self.model, inputs, replayed, draw, -ndim)
             if subsample is None:
                 subsample = subsample_trace(guide_trace, model_trace)
+            if i == 0:
+                replayed = subsample_trace(guide_trace, model_trace)
+                for trace in (guide_trace, model_trace):  # the model's own draws of globals it proposes, too
+                    for name, site in global_sites(trace, self.global_latents):
+                        if name not in replayed.nodes:
+                            replayed.add_node(name, **site)
             runs.append((guide_trace, model_trace, *self._log_densities(model_trace, guide_trace, ndim, draw)))
         return Particles.cat([self._particles(terms, info, 1, mt, gt, subsample, draw) for gt, mt, terms, info in runs])
 
@@ -272,13 +314,14 @@ class ParticleSampler:
                 if program == "guide" and site["is_observed"]:
                     continue
                 role = classify(
-                    program, name, site, model_trace, guide_trace, self._enumerates, detached, self._model_leaves
+                    program, name, site, model_trace, guide_trace, self._enumerates, detached, self._model_leaves,
+                    self.global_latents.is_global,
                 )
                 latent, inside = not site["is_observed"], in_plate(site, data_plate)
                 pathwise = is_pathwise(role, site, detached)
                 if role is SiteRole.OBSERVED or (role is SiteRole.ENUMERATED and not latent):
-                    checks.check_observed(name, site)
-                if latent and not inside:
+                    check_observed(name, site)
+                if latent and not inside and not role.is_global:
                     outside.append(name)
                 for transform in draw.transforms:
                     transform.check(program, name, site, role, pathwise)
@@ -294,10 +337,11 @@ class ParticleSampler:
                     model_proposed.append(name)
                 scale = site["scale"] / data_scale(frame) if inside else site["scale"]
                 log_prob = scale_and_mask(log_prob, scale, site["mask"])
+                add = terms.add_global if role.is_global else terms.add
                 for total in TOTALS[role]:
-                    terms.add(total, name, log_prob, latent, inside)
+                    add(total, name, log_prob, latent, inside)
                 if not pathwise and role in SCORE_TOTALS:
-                    terms.add(SCORE_TOTALS[role], name, log_prob, latent, inside)
+                    add(SCORE_TOTALS[role], name, log_prob, latent, inside)
         if enumerated:
             self._add_enumerated(terms, model_trace, enumerated, frame, outside)
         if not terms.terms or not terms.has("log_p"):
@@ -309,19 +353,31 @@ class ParticleSampler:
     def _refuse_or_warn_coupled(self, coupled, data_plate):
         if coupled and self._explicit_data_plate:
             raise ModelError(
-                f"site '{coupled[0]}' is outside the data plate '{data_plate}': per-datum importance "
-                "weights need every latent inside it (pass data_plate=None to treat the batch as one datum)"
+                f"site '{coupled[0]}' couples the data of the data plate '{data_plate}' ({self._why_coupled(coupled[0])}): "
+                "per-datum importance weights need it inside the plate (pass data_plate=None to treat the batch "
+                "as one datum)"
             )
         for name in coupled:
             warn_once(
                 self.warned,
                 ("outside", name),
-                f"latent site '{name}' is not inside the data plate '{data_plate}' (a global latent, a sizeless "
-                "plate it does not fill, or a joint autoguide's one vector for the whole batch): the minibatch "
-                "is weighted as one datum, with one importance weight per particle and an ESS out of K for the "
-                "whole batch. For per-datum weights, sample it inside the data plate (AutoNormal or an amortised "
-                "guide instead of a joint autoguide)",
+                f"latent site '{name}' couples the data of the data plate '{data_plate}' ({self._why_coupled(name)}): "
+                "the minibatch is weighted as one datum, with one importance weight per particle and an ESS out "
+                "of K for the whole batch",
             )
+
+    def _why_coupled(self, name):
+        if name in self.global_latents.coupling:
+            return (
+                "a guide site outside the data plate standing for per-datum latents, such as a joint autoguide's "
+                "one vector for the whole batch (AutoDiagonalNormal, AutoMultivariateNormal, ...); for per-datum "
+                "weights use AutoNormal or an amortised guide, which sample them inside the data plate"
+            )
+        return (
+            "a latent in a plate the data do not fill, or an enumerated site outside the data plate whose sum "
+            "runs over every datum; a global latent (outside the data plate, not enumerated) is drawn once and "
+            "does not couple"
+        )
 
     def _add_enumerated(self, terms, model_trace, enumerated, frame, outside):
         scales = {float(site["scale"]) for site, _ in enumerated}
@@ -352,6 +408,13 @@ class ParticleSampler:
         totals = terms.totals((num_particles, batch), data_scale=data_scale(frame) if coupled else None)
         zeros = totals["log_p"].new_zeros((num_particles, batch))
         latent_sites = [site for _, site in density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)]
+        found = list(global_sites(guide_trace, self.global_latents))
+        is_global = {name for name, _ in found}
+        found = [(name, site) for name, site in found if isinstance(site["value"], torch.Tensor)]
+        global_latents = [site["value"] for _, site in found]
+        global_model_latents = [model_trace.nodes[n]["value"] if n in model_trace.nodes else None for n, _ in found]
+        latent_sites = [site for site in latent_sites if site["name"] not in is_global]
+        global_totals = terms.global_totals(zeros) if terms.global_terms else {}
         return Particles(
             log_p=totals["log_p"],
             log_q=totals.get("log_q", zeros),
@@ -375,7 +438,16 @@ class ParticleSampler:
             guide_has_graph=draw.grad_proposal,
             splitter=self.split_params,
             structure=structure(model_trace, guide_trace),
+            global_sites=tuple(sorted(terms.global_names())),
+            global_latents=global_latents,
+            global_model_latents=global_model_latents,
+            **global_totals,
         )
+
+
+def global_sites(trace, global_latents):
+    """``(name, site)`` of the global latents of ``trace`` (drawn once per call)."""
+    return ((name, site) for name, site in density_sites(trace) if global_latents.is_global(site))
 
 
 class _Draw:

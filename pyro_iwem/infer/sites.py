@@ -18,9 +18,18 @@ role                   what it is                                         totals
 ``ENUMERATED``         a model site that depends on an enumerated site    ``log_p``, contracted first              —
 ``GUIDE_LATENT``       a guide latent the model replays                   ``log_q``                                ``log_score``
 ``AUXILIARY``          a guide site marked ``is_auxiliary`` (autoguides)  ``log_q``                                ``log_score``
+``GLOBAL``             a model latent outside the data plate, drawn       ``log_global_p``                         — (the guide's)
+                       once (a global :math:`\beta`), replayed
+``GLOBAL_PROPOSED``    a global the guide leaves out, drawn from the      ``log_global_p``,                        ``log_global_score``
+                       model's prior                                      ``log_global_model_proposed``
+``GLOBAL_GUIDE``       a guide site of the globals (or an autoguide's     ``log_global_q``                         ``log_global_score``
+                       auxiliary site when every latent is global)
 =====================  =================================================  =======================================  ======================
 
-The importance weight is :math:`\log w = \log p - \log q - \log p_{\text{model proposed}}`.
+The importance weight is :math:`\log w = \log p - \log q - \log p_{\text{model proposed}}`,
+per particle and datum given the globals; the globals' own terms are one number per draw of
+:math:`\beta` (``log_global_*``), outside the per-datum log-mean-exp (L_K of
+:func:`~pyro_iwem.infer.objectives.outer_bound`).
 A new kind of site is a new role: a row here, a branch of :func:`classify`, and the
 sampler sums it where the table says.
 """
@@ -48,10 +57,17 @@ class SiteRole(enum.Enum):
     ENUMERATED = "enumerated"
     GUIDE_LATENT = "guide latent"
     AUXILIARY = "auxiliary"
+    GLOBAL = "global"
+    GLOBAL_PROPOSED = "model-proposed global"
+    GLOBAL_GUIDE = "guide global"
 
     @property
     def model_proposed(self):
-        return self in (SiteRole.MODEL_PROPOSED, SiteRole.MODEL_LEAF)
+        return self in (SiteRole.MODEL_PROPOSED, SiteRole.MODEL_LEAF, SiteRole.GLOBAL_PROPOSED)
+
+    @property
+    def is_global(self):
+        return self in (SiteRole.GLOBAL, SiteRole.GLOBAL_PROPOSED, SiteRole.GLOBAL_GUIDE)
 
 
 #: The per-datum totals each role's log density enters (``ENUMERATED`` sites are contracted
@@ -64,6 +80,9 @@ TOTALS = {
     SiteRole.ENUMERATED: ("log_p",),
     SiteRole.GUIDE_LATENT: ("log_q",),
     SiteRole.AUXILIARY: ("log_q",),
+    SiteRole.GLOBAL: ("log_global_p",),
+    SiteRole.GLOBAL_PROPOSED: ("log_global_p", "log_global_model_proposed"),
+    SiteRole.GLOBAL_GUIDE: ("log_global_q",),
 }
 
 #: The score-function term a role's log density enters when its value has no pathwise gradient.
@@ -72,10 +91,15 @@ SCORE_TOTALS = {
     SiteRole.MODEL_LEAF: "log_score_leaves",
     SiteRole.GUIDE_LATENT: "log_score",
     SiteRole.AUXILIARY: "log_score",
+    SiteRole.GLOBAL_PROPOSED: "log_global_score",
+    SiteRole.GLOBAL_GUIDE: "log_global_score",
 }
 
 
-def classify(program, name, site, model_trace, guide_trace, enumerating=False, detach_proposals=False, leaves=None):
+def classify(
+    program, name, site, model_trace, guide_trace, enumerating=False, detach_proposals=False, leaves=None,
+    is_global=None,
+):
     """The :class:`SiteRole` of sample site ``name`` of ``program`` ("model" or "guide").
 
     :param bool enumerating: whether the model runs under enumeration (a site with
@@ -84,26 +108,39 @@ def classify(program, name, site, model_trace, guide_trace, enumerating=False, d
         gradient (then none of them has a pathwise gradient).
     :param leaves: ``() -> set`` of model sites no other model site depends on, called only
         for a model-proposed site without a pathwise gradient.
+    :param is_global: ``site -> bool``, whether a latent is a global drawn once
+        (:meth:`~pyro_iwem.infer.plates.GlobalLatents.is_global`); ``None``: none is.
     :raises ModelError: for a guide site the model lacks that is not marked auxiliary.
     """
+    global_site = is_global is not None and is_global(site)
     if program == "guide":
+        if global_site:
+            if not is_auxiliary(site) and name not in model_trace.nodes:
+                _refuse_guide_only(name)
+            return SiteRole.GLOBAL_GUIDE
         if is_auxiliary(site):
             return SiteRole.AUXILIARY
         if name not in model_trace.nodes:
-            raise ModelError(
-                f"guide site '{name}' does not appear in the model; a guide-only site must be marked "
-                "infer={'is_auxiliary': True}"
-            )
+            _refuse_guide_only(name)
         return SiteRole.GUIDE_LATENT
     if enumerating and site["infer"].get("_dim_to_id"):
         return SiteRole.ENUMERATED
     if site["is_observed"]:
         return SiteRole.OBSERVED
+    if global_site:
+        return SiteRole.GLOBAL if name in guide_trace.nodes else SiteRole.GLOBAL_PROPOSED
     if name in guide_trace.nodes:
         return SiteRole.REPLAYED
     if (not site["fn"].has_rsample or detach_proposals) and leaves is not None and name in leaves():
         return SiteRole.MODEL_LEAF
     return SiteRole.MODEL_PROPOSED
+
+
+def _refuse_guide_only(name):
+    raise ModelError(
+        f"guide site '{name}' does not appear in the model; a guide-only site must be marked "
+        "infer={'is_auxiliary': True}"
+    )
 
 
 def is_pathwise(role, site, detach_proposals=False):

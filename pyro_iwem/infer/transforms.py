@@ -13,7 +13,9 @@ estimators wrap trace collection in a messenger of their own. Each transform is 
   :math:`\log p` ends at them (IWEM's one-pass step, :func:`~pyro_iwem.infer.grads.shared_draw_gradients`);
 * :class:`DetachModelProposals` -- the latents the model proposes itself are drawn without a
   gradient even when the guide keeps its graph; they then count as score-function sites;
-* :class:`ReplayGuide` -- replay these latent values instead of drawing new ones.
+* :class:`ReplayGuide` -- replay these latent values instead of drawing new ones;
+* :class:`ReplayGlobals` -- replay the global latents :math:`\beta` of earlier particles, so that
+  several draws share one :math:`\beta` (the chunks of :func:`~pyro_iwem.infer.iwae_bound`).
 """
 
 from pyro import poutine
@@ -123,11 +125,37 @@ class ReplayGuide(DrawTransform):
         return poutine.replay(guide, trace=self.trace)
 
 
+class ReplayGlobals(DrawTransform):
+    """Replays the global latents of ``particles`` (guide-drawn and model-proposed alike):
+    the draw is given the same :math:`\beta`, and its ``log_global_*`` are those of that
+    :math:`\beta` again."""
+
+    def __init__(self, particles):
+        self.trace = poutine.Trace()
+        for trace in (particles.guide_trace, particles.model_trace):
+            for name in particles.global_sites:
+                if name in trace.nodes and name not in self.trace.nodes:
+                    self.trace.add_node(name, **trace.nodes[name])
+
+    def guide(self, guide):
+        return poutine.replay(guide, trace=self.trace)
+
+    def replay_trace(self, trace):
+        missing = [name for name in self.trace.nodes if name not in trace.nodes]
+        if not missing:
+            return trace
+        trace = trace.copy()
+        for name in missing:
+            trace.add_node(name, **self.trace.nodes[name])
+        return trace
+
+
 __all__ = [
     "CutLatents",
     "DetachModelProposals",
     "DrawTransform",
     "LatentViews",
+    "ReplayGlobals",
     "ReplayGuide",
     "StopProposalParams",
 ]

@@ -1,0 +1,215 @@
+"""Global latents (issue 20): L_K, an outer ELBO over the globals β with a per-datum IWAE inside,
+against the closed forms of the random-effects model (tests/hierarchical_models.py).
+
+Measured values are printed (run with -s)."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from pyro import poutine
+
+from pyro_iwem.infer import IWEM, IWAELoss, ParticleSampler, ReplayGuide, iwae_bound
+from pyro_iwem.infer.objectives import effective_sample_size, iwae_objective, outer_bound, snis_objective
+
+from .hierarchical_models import (
+    F64, data, exact_guide, kl_normal, local_posterior, log_marginal, model, posterior_mu,
+)
+
+TAU = 0.7
+
+
+def fixed_tau(x, batch_size=None):
+    return model(x, TAU, batch_size)
+
+
+def setup(n=100, seed=0):
+    x = data(n, seed)
+    mean, sd = posterior_mu(x, TAU)
+    return x, mean, sd, log_marginal(x, TAU).item()
+
+
+def l_k(particles, k=None):
+    """L_K of the first ``k`` particles of one draw."""
+    log_w = particles.log_w[:k]
+    inner = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    return (particles.scale * inner).sum().item() + particles.log_global_w.sum().item()
+
+
+def test_exact_posterior_gives_log_p_x_on_the_full_batch():
+    """q(μ) and q(z_i | x_i, μ) exact: every draw of L_K is log p(x), for the sampler, IWAELoss,
+    iwae_bound (its per-datum shares sum to L_K) and IWEM.bound (per datum)."""
+    x, mean, sd, exact = setup()
+    guide = exact_guide(TAU, mean, sd)
+    particles = ParticleSampler(fixed_tau, guide)(10, (x,), {})
+    assert particles.global_sites == ("mu",) and particles.log_p.shape == (10, 100)
+    assert particles.log_global_p.shape == (1,)
+    errors = [
+        l_k(particles) - exact,
+        -IWAELoss(10).loss(fixed_tau, guide, x) - exact,
+        iwae_bound(fixed_tau, guide, x, num_particles=30, chunk_size=7).sum().item() - exact,
+    ]
+    print(f"\nexact log p(x) = {exact:.6f}; errors {errors}")
+    assert max(abs(e) for e in errors) < 1e-10
+
+
+def test_subsampled_mean_is_within_three_standard_errors_of_log_p_x():
+    """B = 20 of N = 100, exact posterior as guide: L_K, N/B outside the log, is unbiased."""
+    x, mean, sd, exact = setup()
+    pyro.set_rng_seed(1)
+    sampler = ParticleSampler(fixed_tau, exact_guide(TAU, mean, sd))
+    runs = torch.tensor([l_k(sampler(10, (x,), {"batch_size": 20})) for _ in range(300)], dtype=F64)
+    se = runs.std().item() / math.sqrt(len(runs))
+    print(f"\nsubsampled: mean {runs.mean().item() / 100:.5f} per datum, exact {exact / 100:.5f}, se {se / 100:.5f}")
+    assert abs(runs.mean().item() - exact) < 3 * se
+
+
+def test_bounds_rise_with_k_towards_log_p_x_minus_kl():
+    """An inexact guide (q(μ) shifted and widened, q(z_i | x_i, μ) shifted and widened): on the
+    same draws, mean L_1 ≤ L_10 ≤ L_100 ≤ the limit given each β, log p(β) − log q(β) + Σ_i log
+    p(x_i | β), whose mean is log p(x) − KL(q(β) ‖ p(β | x))."""
+    x, mean, sd, exact = setup()
+    pyro.set_rng_seed(2)
+    q_mean, q_sd = mean + 0.1, sd * 1.5
+    sampler = ParticleSampler(fixed_tau, exact_guide(TAU, q_mean, q_sd, local_widen=1.5, local_shift=0.1))
+    rows = []
+    for _ in range(40):
+        p = sampler(100, (x,), {})
+        mu = p.global_latents[0]
+        limit = (
+            p.log_global_w.item() + dist.Normal(mu, math.sqrt(TAU**2 + 0.25)).log_prob(x).sum().item()
+        )
+        rows.append([l_k(p, 1), l_k(p, 10), l_k(p, 100), limit])
+    l1, l10, l100, limit = torch.tensor(rows, dtype=F64).mean(0).tolist()
+    closed = exact - kl_normal(q_mean, q_sd, mean, sd)
+    print(f"\nL_1 {l1:.3f} L_10 {l10:.3f} L_100 {l100:.3f} limit {limit:.3f} log p(x) - KL {closed:.3f}")
+    assert l1 < l10 < l100 < limit
+    assert abs(limit - closed) < 0.5
+
+
+def test_l_1_equals_trace_elbo_on_the_same_draws():
+    """With one particle, L_1 on a replayed guide trace is Pyro's Trace_ELBO on that trace."""
+    x, mean, sd, _ = setup(30)
+    guide = exact_guide(TAU, mean + 0.2, sd * 2, local_widen=1.3)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        trace = poutine.trace(guide).get_trace(x)
+        ours = ParticleSampler(fixed_tau, guide)(1, (x,), {}, transforms=[ReplayGuide(trace)])
+        pyros = -Trace_ELBO().loss(fixed_tau, poutine.replay(guide, trace=trace), x)
+        print(f"\nL_1 {l_k(ours):.10f}, Trace_ELBO {pyros:.10f}")
+        assert l_k(ours) == pytest.approx(pyros, abs=1e-9)
+
+
+def test_per_datum_ess_stays_near_k_as_n_grows():
+    """K = 100, a local guide 1.3× wider than the exact conditional: the per-datum ESS given β does
+    not fall with N (the whole-batch weight's did: 49 → 19 → 3.3 at N = 10 → 100 → 1000)."""
+    ess = {}
+    for n in (10, 100, 1000):
+        x, mean, sd, _ = setup(n)
+        pyro.set_rng_seed(3)
+        p = ParticleSampler(fixed_tau, exact_guide(TAU, mean, sd, local_widen=1.3))(100, (x,), {})
+        ess[n] = effective_sample_size(p.log_w).mean().item()
+    print(f"\nper-datum ESS of 100: {ess}")
+    assert min(ess.values()) > 70 and max(ess.values()) - min(ess.values()) < 5
+
+
+def test_m_step_gradient_is_autograd_of_l_k_on_the_same_draws():
+    """Proposition 1 at the drawn β: with the weights detached, θ's gradient of
+    log p(β) + (N/B) Σ_i Σ_k w̄_ik log p(x_i, z_ik | β; θ) is θ's gradient of L_K (q does not depend on θ)."""
+    x = data(40)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(4)
+    guide = exact_guide(TAU, 0.3, 0.3, local_widen=1.4, local_shift=0.1)
+    iwem = IWEM(model, guide, K=20, annealing=None)
+    particles = iwem.sampler(20, (x,), {"batch_size": 10}, grad_guide=False)
+    tau = pyro.param("tau").unconstrained()
+    (m_step,) = torch.autograd.grad(iwem._e_loss(particles, 1.0), tau, retain_graph=True)
+    (bound,) = torch.autograd.grad(-outer_bound(particles, iwae_objective(particles)), tau)
+    print(f"\nM-step {m_step.item():.12f}, ∂L_K {bound.item():.12f}")
+    torch.testing.assert_close(m_step, bound, rtol=1e-10, atol=1e-12)
+
+
+def test_global_guide_gradient_is_unbiased_for_the_closed_form():
+    """With the exact local conditional, L_K = log p(x) − KL(q(μ) ‖ p(μ | x)) for every K: the mean
+    of the P-step's gradient for q(μ)'s location and log scale over many draws is −∇KL."""
+    x, mean, sd, _ = setup(50)
+    pyro.clear_param_store()
+    m0, s0 = mean + 0.3, sd * 1.5
+
+    def guide(x, batch_size=None):
+        m = pyro.param("gm", torch.tensor(m0, dtype=F64))
+        log_s = pyro.param("gls", torch.tensor(math.log(s0), dtype=F64))
+        mu = pyro.sample("mu", dist.Normal(m, log_s.exp()))
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = local_posterior(mu, x, TAU)
+            pyro.sample("z", dist.Normal(loc, scale))
+
+    loss = IWAELoss(5)
+    sampler = loss.sampler(fixed_tau, guide)
+    pyro.set_rng_seed(5)
+    total = torch.zeros(2, dtype=F64)
+    n = 400
+    for _ in range(n):
+        p = sampler(5, (x,), {})
+        grads = loss.gradients(p)
+        total += torch.stack([grads[pyro.param("gm").unconstrained()], grads[pyro.param("gls").unconstrained()]])
+    mean_grad = (total / n).tolist()
+    # -L = KL + const; ∂KL/∂m = (m - m*)/s*², ∂KL/∂log s = -1 + s²/s*²
+    expected = [(m0 - mean) / sd**2, -1 + s0**2 / sd**2]
+    print(f"\nmean gradient {mean_grad}, ∇KL {expected}")
+    assert mean_grad == pytest.approx(expected, rel=0.05)
+
+
+def test_p_step_fits_the_local_guide_by_eq_7_and_q_beta_by_l_k():
+    """OptimalProposalLoss with a global: the local guide's parameters take eq. (7)'s gradient
+    per datum at the drawn β, q(μ)'s parameters the gradient of L_K, both on the same draws."""
+    from pyro_iwem.infer import OptimalProposalLoss
+    from pyro_iwem.infer.objectives import optimal_proposal_objective
+    from tests.hierarchical_models import trainable_guide
+
+    x = data(30)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(6)
+    loss = OptimalProposalLoss(8)
+    particles = loss.sampler(fixed_tau, trainable_guide)(8, (x,), {})
+    names = {n: pyro.param(n).unconstrained() for n in ("q_m", "q_s", "q_a", "q_b", "q_c")}
+    eq7 = -(particles.scale * optimal_proposal_objective(particles)).sum()
+    bound = -outer_bound(particles, iwae_objective(particles))
+    local = torch.autograd.grad(eq7, [names[n] for n in ("q_a", "q_b", "q_c")], retain_graph=True)
+    glob = torch.autograd.grad(bound, [names[n] for n in ("q_m", "q_s")], retain_graph=True)
+    grads = loss.gradients(particles)
+    for name, g in zip(("q_a", "q_b", "q_c", "q_m", "q_s"), local + glob):
+        torch.testing.assert_close(grads[names[name]], g, rtol=1e-12, atol=1e-12)
+    print(f"\nP-step gradients: {{{', '.join(f'{n}: {grads[t].item():.4f}' for n, t in names.items())}}}")
+
+
+@pytest.mark.parametrize("batch_size", [None, 10], ids=["full", "subsampled"])
+@pytest.mark.parametrize("method", ["iwem", "iwae"])
+def test_training_reaches_the_exact_posterior_of_mu_and_the_ml_tau(method, batch_size):
+    """N = 50, K = J = 10, 400 steps (ClippedAdam, lr 0.05 decaying to 0.007), the last 100 averaged:
+    q(μ)'s mean and sd reach the exact posterior's at the maximum-likelihood τ, and τ reaches it."""
+    from pyro.infer import SVI
+
+    from tests.hierarchical_models import ml_tau, trainable_guide
+
+    x = data(50)
+    tau_ml = ml_tau(x)
+    mean, sd = posterior_mu(x, tau_ml)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.995})
+    if method == "iwem":
+        step = IWEM(model, trainable_guide, K=10, J=10, optim=optim, annealing=None).step
+    else:
+        step = SVI(model, trainable_guide, optim, IWAELoss(10)).step
+    trace = []
+    for i in range(400):
+        step(x, batch_size=batch_size)
+        if i >= 300:
+            trace.append([pyro.param(n).item() for n in ("q_m", "q_s", "tau")])
+    m, s, tau = torch.tensor(trace).mean(0).tolist()
+    print(f"\n{method} {batch_size}: q(μ) N({m:.4f}, {s:.4f}) vs N({mean:.4f}, {sd:.4f}); τ {tau:.4f} vs ML {tau_ml:.4f}")
+    assert abs(m - mean) < 0.04 and abs(s / sd - 1) < 0.15 and abs(tau - tau_ml) < 0.03
