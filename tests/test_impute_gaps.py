@@ -266,3 +266,79 @@ def test_chunked_resampling_follows_the_closed_form_conditional():
         assert torch.equal(one, imputer.sample(x[:50], mask[:50], num_particles=200, mean=False))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         imputer.sample(x, mask, chunk_size=0)
+
+
+# --- images ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A one-epoch miss-IWAE run on the 8x8 digits (a few seconds)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    argv = ["train", "--dataset", "digits-8x8", "--model", "mlp", "--method", "miss-iwae", "--missing-patches", "3",
+            "--epochs", "1", "--max-train", "100", "--max-eval", "20", "--K", "3", "--eval-K", "5", "--valid-K", "3",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def digit_images(n=12, seed=0):
+    """``n`` binary 8x8 images with random 0/1 pixels and the bottom half missing (NaN)."""
+    x = (np.random.default_rng(seed).random((n, 8, 8)) < 0.3).astype(np.float64)
+    x[:, 5:] = np.nan
+    return x
+
+
+def impute_images(tmp_path, images, *extra, run=None):
+    np.save(tmp_path / "images.npy", images)
+    argv = ["impute", "--images", str(tmp_path / "images.npy"), "--impute-K", "20", "--out", str(tmp_path / "out"), *extra]
+    return main(argv + ([] if run is None else ["--run", str(run)]))
+
+
+def test_images_with_missing_pixels_completed(image_run, tmp_path, capsys):
+    images = digit_images()
+    mask = np.ones(images.shape, dtype=bool)
+    mask[:, 0, :2] = False  # observed pixels the --mask marks missing
+    np.save(tmp_path / "mask.npy", mask)
+    assert impute_images(tmp_path, images, "--mask", str(tmp_path / "mask.npy"), "--multiple", "2", run=image_run) == 0
+    missing = np.isnan(images) | ~mask
+    completed = np.load(tmp_path / "out" / "completed.npy")
+    assert completed.shape == images.shape and completed.dtype == np.float32
+    assert np.array_equal(completed[~missing], images[~missing])
+    assert ((completed[missing] > 0) & (completed[missing] < 1)).all()  # E[x_m | x_o]: probabilities
+    draws = [np.load(tmp_path / "out" / f"completed-{m}.npy") for m in (1, 2)]
+    assert all(np.isin(d[missing], (0, 1)).all() and np.array_equal(d[~missing], images[~missing]) for d in draws)
+    assert (draws[0] != draws[1]).any()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mode"] == "images" and metrics["n_missing"] == missing.sum() and metrics["method"] == "miss-iwae"
+    assert metrics["files"] == ["completed.npy", "completed.png", "completed-1.npy", "completed-2.npy"]
+    assert (tmp_path / "out" / "completed.png").stat().st_size > 0
+    assert f"filled {missing.sum()} missing pixels of 12 images of 8 x 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, extra, message",
+    [
+        (lambda x: x[:, :6], [], "shape (12, 6, 8); the run's model takes images of 8 x 8 pixels"),
+        (lambda x: np.where(np.isnan(x), x, 0.5), [], "an observed pixel is 0.5"),
+        (np.nan_to_num, [], "nothing to fill"),
+        (lambda x: x, ["--method", "mean"], "--method apply to tables"),
+        (lambda x: x, ["--no-run"], "--images needs --run"),
+    ],
+)
+def test_image_errors(image_run, tmp_path, capsys, change, extra, message):
+    run = None if extra == ["--no-run"] else image_run
+    code = impute_images(tmp_path, change(digit_images()), *[e for e in extra if e != "--no-run"], run=run)
+    assert message in one_error_line(capsys, code)
+
+
+def test_table_options_are_not_for_images(tmp_path, capsys):
+    path = write_csv(tmp_path / "t.csv", correlated_table(20))
+    code = main(["impute", "--csv", str(path), "--method", "mean", "--mask", "m.npy", "--out", str(tmp_path / "r")])
+    assert "--run and --mask are options of --images" in one_error_line(capsys, code)
+
+
+def test_images_file_not_npy(image_run, tmp_path, capsys):
+    (tmp_path / "images.npy").write_text("0,1,nan\n")
+    code = main(["impute", "--images", str(tmp_path / "images.npy"), "--run", str(image_run), "--out", str(tmp_path / "out")])
+    assert "is not a NumPy .npy array" in one_error_line(capsys, code)
+    code = main(["impute", "--images", str(tmp_path / "absent.npy"), "--run", str(image_run), "--out", str(tmp_path / "out")])
+    assert "cannot read --images" in one_error_line(capsys, code) and not (tmp_path / "out").exists()

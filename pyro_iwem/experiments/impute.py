@@ -17,6 +17,11 @@ one resampled by its normalised weight :math:`\bar w_k`, and the model's draw
 :math:`x_m \sim p(x_m \mid z_k)`: :meth:`~pyro_iwem.infer.Imputer.sample`), so that an analysis
 can be repeated on each and its spread carried on (Rubin's rules).
 
+**Completing images** (``--images FILE --run TRAIN_RUN_DIR``, :class:`ImageImputeRun`): a
+``.npy`` array of binary images with NaN (or 0 in ``--mask``) for a missing pixel, completed
+by the model of a ``train`` run and the proposal of its method (``completed.npy``,
+``completed.png``, and ``--multiple`` draws).
+
 **The benchmark** (``--benchmark``, and always with ``--dataset``), on a complete table:
 
 1. loads a UCI data set or a CSV file (:func:`load_table`; a missing cell is an error) and
@@ -65,7 +70,7 @@ import torch
 
 from pyro_iwem.atomic import atomic_path
 from pyro_iwem.data import UCI_DATASETS, load_csv, load_uci, mcar_mask, read_table, standardize
-from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer
+from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, Imputer, ZeroFilledInputs
 from pyro_iwem.models import TabularVAE
 
 from .checkpoint import METRICS, atomic_torch_save, atomic_write_json
@@ -82,6 +87,12 @@ IMPUTED = "imputed.csv"
 MULTIPLE = "imputed-{}.csv"
 #: The trained model's parameters and the standardisation (trained methods only).
 MODEL = "model.pt"
+#: ``--images``: the completed images, their picture (the first :data:`PICTURED` images), and
+#: the ``--multiple`` draws.
+COMPLETED = "completed.npy"
+COMPLETED_PNG = "completed.png"
+MULTIPLE_IMAGES = "completed-{}.npy"
+PICTURED = 16
 
 #: Defaults of the ``impute`` options. ``steps`` makes a miss-IWEM run on white-wine take
 #: about 85 s of training on one thread (see the module docstring).
@@ -214,7 +225,8 @@ def train_method(method, x, mask, steps, batch_size, quiet=False):
 def _by_rows(name, model, x, mask, fill):
     """``fill(imputer, x rows, mask rows)`` for :data:`IMPUTE_ROWS` rows at a time, with the
     :class:`Imputer` of ``model`` and the proposal of method ``name``, concatenated."""
-    imputer = Imputer(model.model, model.guide, guide_inputs=MISSING_DATA_INPUTS[name](), **PLATES)
+    inputs = MISSING_DATA_INPUTS.get(name, ZeroFilledInputs)()  # a method trained on complete data: q(z | x_o, 0)
+    imputer = Imputer(model.model, model.guide, guide_inputs=inputs, **PLATES)
     return torch.cat([fill(imputer, xb, mb) for xb, mb in zip(x.split(IMPUTE_ROWS), mask.split(IMPUTE_ROWS))])
 
 
@@ -247,6 +259,11 @@ class ImputeRun:
     metrics.
     """
 
+    def __new__(cls, args):
+        if cls is ImputeRun and getattr(args, "images", None) is not None:
+            cls = ImageImputeRun
+        return super().__new__(cls)
+
     def __init__(self, args):
         self.args = args
         self.run_dir = pathlib.Path(args.out)
@@ -263,6 +280,12 @@ class ImputeRun:
 
     def _check_options(self):
         args = self.args
+        if args.dataset is None and args.csv is None:
+            raise RunError("one of the arguments --dataset --csv is required, or --images with --run (see pyro-iwem impute --help)")
+        if args.method is None:
+            raise RunError("the following arguments are required: --method (see pyro-iwem impute --help)")
+        if getattr(args, "run", None) is not None or getattr(args, "mask", None) is not None:
+            raise RunError("--run and --mask are options of --images, not of a table")
         if args.dataset is not None and (
             args.sep != "," or args.drop_columns or args.header is not None or getattr(args, "missing_values", None)
         ):
@@ -416,10 +439,137 @@ class ImputeRun:
         return settings
 
 
+# --- images ---------------------------------------------------------------------------------
+def _load_npy(path, option):
+    """The array of a ``.npy`` file, or a :class:`RunError` naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise RunError(f"cannot read {option} {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError) as e:
+        raise RunError(f"{option} {path} is not a NumPy .npy array ({str(e).splitlines()[0]})") from None
+
+
+def load_image_gaps(images, mask_file, image_shape):
+    """``(x, mask, shape)`` of ``--images``: ``x`` ``(N, H*W)`` float32, zero where missing; ``mask``
+    ``(N, H*W)`` bool, True where observed (not NaN, and nonzero in ``mask_file`` if given); the
+    shape the images were given in, ``(N, H, W)`` or ``(N, H*W)``.
+
+    :raises RunError: if a file cannot be read, the shapes do not fit the model's images, an
+        observed pixel is not 0 or 1, or no pixel is missing.
+    """
+    x = _load_npy(images, "--images")
+    pixels = math.prod(image_shape)
+    if not ((x.ndim == 2 and x.shape[1] == pixels) or (x.ndim == 3 and x.shape[1:] == tuple(image_shape))):
+        raise RunError(
+            f"--images {images} holds an array of shape {x.shape}; the run's model takes images of "
+            f"{image_shape[0]} x {image_shape[1]} pixels: give (N, {image_shape[0]}, {image_shape[1]}) or (N, {pixels})"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise RunError(f"--images {images} holds {x.dtype} values, not pixel intensities")
+    shape, x = x.shape, x.reshape(len(x), pixels).astype(np.float64)
+    mask = ~np.isnan(x)
+    if mask_file is not None:
+        given = _load_npy(mask_file, "--mask")
+        if given.shape != shape:
+            raise RunError(f"--mask {mask_file} has shape {given.shape}, the images {shape}")
+        if not np.isin(given, (0, 1)).all():
+            raise RunError(f"--mask {mask_file} must hold 1 (or True) for an observed pixel and 0 for a missing one")
+        mask &= given.reshape(len(x), pixels).astype(bool)
+    observed = x[mask]
+    wrong = observed[(observed != 0) & (observed != 1)]
+    if wrong.size:
+        raise RunError(
+            f"--images {images}: an observed pixel is {wrong[0]:g}; the run's model is of binary images, "
+            "so observed pixels must be 0 or 1 (binarise them, e.g. x > 0.5; a missing pixel is NaN or 0 in --mask)"
+        )
+    if mask.all():
+        raise RunError(f"no pixel of the {len(x)} images of {images} is missing (NaN, or 0 in --mask); nothing to fill")
+    return np.where(mask, x, 0.0).astype(np.float32), mask, shape
+
+
+class ImageImputeRun(ImputeRun):
+    """``impute --images FILE --run RUN_DIR``: a user's binary images with missing pixels (NaN, or
+    0 in ``--mask``) completed by the model of a ``train`` run (its ``best.pt``) with the
+    proposal of the run's method: ``completed.npy`` (the images in the shape given, each missing
+    pixel replaced by the importance-sampled :math:`\\mathbb E[x_m \\mid x_o]`, the probability
+    that it is on), ``completed.png`` (observed, completed and draws of the first
+    :data:`PICTURED` images), and with ``--multiple M`` ``completed-1.npy`` ... , binary draws
+    from the importance-weighted posterior. ImputeRun(args) is this class when ``args.images``
+    is set."""
+
+    def _check_options(self):
+        args = self.args
+        if getattr(args, "run", None) is None:
+            raise RunError("--images needs --run RUN_DIR, the train run whose model completes them")
+        table_options = {
+            "--method": args.method, "--benchmark": getattr(args, "benchmark", False),
+            "--missing-rate": args.missing_rate, "--drop-columns": args.drop_columns,
+            "--missing-values": getattr(args, "missing_values", None),
+            "--header/--no-header": args.header is not None, "--sep": args.sep != ",",
+        }
+        given = [flag for flag, value in table_options.items() if value]
+        if given:
+            raise RunError(f"{', '.join(given)} apply to tables, not to --images (the method is the --run's)")
+
+    def _load(self):
+        from .evaluate import load_run
+
+        config, data, self.model = load_run(self.args.run, "cpu", self.args.data_root)
+        self.config, self.image_shape = config, tuple(data.image_shape)
+        self.x, self.mask, self.shape = load_image_gaps(self.args.images, self.args.mask, self.image_shape)
+
+    def _build(self):
+        pass  # the run's model, loaded by _load
+
+    def _outputs(self):
+        return [METRICS, COMPLETED, COMPLETED_PNG] + [path.name for path in self.run_dir.glob(MULTIPLE_IMAGES.format("*"))]
+
+    def _save(self, x, name):
+        with atomic_path(self.run_dir / name) as tmp, open(tmp, "wb") as f:
+            np.save(f, x.reshape(self.shape))
+
+    def run(self):
+        args, method = self.args, self.config["method"]
+        pyro.set_rng_seed(args.seed)
+        x, mask = torch.as_tensor(self.x), torch.as_tensor(self.mask)
+        start = time.perf_counter()
+        columns = {"observed": torch.where(mask, x, torch.full_like(x, 0.5)),
+                   "completed": model_imputation(self.model, method, x, mask, args.impute_K)}
+        draws = [model_draws(self.model, method, x, mask, args.impute_K) for _ in range(self.multiple)]
+        seconds = time.perf_counter() - start
+        files = [COMPLETED, COMPLETED_PNG] + [MULTIPLE_IMAGES.format(m) for m in range(1, self.multiple + 1)]
+        self._save(columns["completed"].numpy(), COMPLETED)
+        for name, draw in zip(files[2:], draws):
+            self._save(draw.numpy(), name)
+        from .images import save_completion_grid
+
+        pictured = {**columns, **{f"draw {m}": d for m, d in enumerate(draws[:2], 1)}}
+        save_completion_grid({name: c[:PICTURED] for name, c in pictured.items()}, self.image_shape,
+                             self.run_dir / COMPLETED_PNG)
+        metrics = {
+            "mode": "images", "images": str(pathlib.Path(args.images).resolve()),
+            "mask": None if args.mask is None else str(pathlib.Path(args.mask).resolve()),
+            "run": str(pathlib.Path(args.run).resolve()), "method": method, "dataset": self.config["dataset"],
+            "model": self.config["model"], "seed": args.seed, "n_images": len(self.x),
+            "image_shape": list(self.image_shape), "n_missing": int((~self.mask).sum()), "impute_K": args.impute_K,
+            "multiple": self.multiple, "files": files, "impute_seconds": seconds, "threads": torch.get_num_threads(),
+        }
+        atomic_write_json(metrics, self.run_dir / METRICS)
+        return metrics
+
+
 def summary_line(metrics, run_dir):
     """The result of a run: one line for the benchmark; for a filled table, one line and
     the cells filled per column."""
     m = metrics
+    if m.get("mode") == "images":
+        height, width = m["image_shape"]
+        return (
+            f"{m['images']}: filled {m['n_missing']} missing pixels of {m['n_images']} images of {height} x {width} "
+            f"with the {m['method']} model of {m['run']} ({m['impute_K']} particles); impute "
+            f"{m['impute_seconds']:.0f} s -> {pathlib.Path(run_dir) / COMPLETED}, {', '.join(m['files'][1:])}"
+        )
     trained = f" K={m['K']} J={m['J']} {m['steps']} steps" if "K" in m else ""
     times = f"train {m['train_seconds']:.0f} s, impute {m['impute_seconds']:.0f} s"
     if m.get("mode") != "fill":

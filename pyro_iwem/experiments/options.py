@@ -341,7 +341,7 @@ def add_impute_parser(subparsers):
     d = IMPUTE_DEFAULTS
     p = subparsers.add_parser(
         "impute",
-        help="fill the missing cells of a numeric table (CSV), or score imputation (--benchmark)",
+        help="fill the missing cells of a numeric table (CSV) or of images, or score imputation (--benchmark)",
         description="Fill the gaps of a table: the cells of --csv FILE that are empty or read nan, NA, "
         "N/A, null, None or ? (any case), or a --missing-values text, are missing; a TabularVAE "
         "trained on all rows by --method (or the column means) fills exactly those, with the "
@@ -353,11 +353,18 @@ def add_impute_parser(subparsers):
         "protocol (§5, Table 4) on a complete table: standardise every column, remove each entry with "
         "probability --missing-rate, fill the removed entries in as above, and write the MSE over them "
         "(standardised units) to RUN_DIR/metrics.json and the completed numeric matrix (original units, "
-        "no header) to RUN_DIR/imputed.csv.",
+        "no header) to RUN_DIR/imputed.csv. With --images FILE --run TRAIN_RUN_DIR, binary images with "
+        "missing pixels completed by the model of a train run (see --images).",
     )
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()  # one of them is required: ImputeRun says so
     source.add_argument("--dataset", type=one_of(TABLE_DATASETS, "dataset"), help=f"one of {', '.join(TABLE_DATASETS)}: a complete UCI table, scored by the --benchmark protocol")
     source.add_argument("--csv", metavar="FILE", help="a numeric delimited text file, one row per datum")
+    source.add_argument("--images", metavar="FILE", help="a .npy array of binary images, (N, H, W) or (N, H*W), with NaN for a missing pixel, "
+                        "completed by the model of --run: RUN_DIR/completed.npy (missing pixels replaced by their importance-sampled "
+                        "probability of being on, E[x_m | x_o], with --impute-K particles of the run's proposal), completed.png, and "
+                        "with --multiple M completed-1.npy ... completed-M.npy, binary draws from the importance-weighted posterior")
+    p.add_argument("--run", metavar="TRAIN_RUN_DIR", help="--images: a train run directory (its best.pt) whose model and method complete the images")
+    p.add_argument("--mask", metavar="FILE", help="--images: a .npy array of the images' shape, 1 (True) for an observed pixel and 0 for a missing one")
     p.add_argument("--sep", type=separator, default=",", help="the CSV's delimiter (default ,; \\t or tab for a tab)")
     p.add_argument("--drop-columns", type=list_of(column), metavar="A,B,3", help="CSV columns to leave out of the model, by header name or 0-based index (imputed.csv keeps them as written)")
     header = p.add_mutually_exclusive_group()
@@ -367,7 +374,7 @@ def add_impute_parser(subparsers):
     p.add_argument("--missing-values", type=list_of(str), metavar="TEXT,TEXT", help="more cell texts that mean missing, e.g. -999 (compared after stripping blanks, any case)")
     p.add_argument("--multiple", type=positive_int, metavar="M", help="also write M multiple imputations, RUN_DIR/imputed-1.csv ... imputed-M.csv: each fills every missing cell with an independent draw from the importance-weighted posterior (a particle of --impute-K resampled by its normalised weight, and the model's draw of the missing entries given it), for analyses that carry the imputation's uncertainty on (trained methods only)")
     p.add_argument("--benchmark", action="store_true", help="score imputation on a complete table instead of filling gaps: remove entries at random (--missing-rate), fill them, and report the MSE against the removed values (the MIWAE protocol; implied by --dataset)")
-    p.add_argument("--method", type=one_of(IMPUTE_METHODS, "method"), required=True, help=f"one of {', '.join(IMPUTE_METHODS)}")
+    p.add_argument("--method", type=one_of(IMPUTE_METHODS, "method"), help=f"one of {', '.join(IMPUTE_METHODS)} (required for a table; --images use the --run's)")
     p.add_argument("--missing-rate", type=missing_rate, help=f"--benchmark: probability that an entry is removed (default {d['missing_rate']})")
     p.add_argument("--seed", type=nonneg_int, default=d["seed"], help=f"seed of initialisation, batches and sampling, and of --benchmark's mask (default {d['seed']})")
     p.add_argument("--steps", type=positive_int, default=d["steps"], help=f"training steps; IWEM's α grows by 0.01 every max(1, steps // 200) steps, reaching 1 by half of them (default {d['steps']}: about 85 s of miss-iwem, 40 s of miss-iwae on one thread)")
