@@ -131,6 +131,21 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
+#: The option naming where each command writes, for the advice on an unwritable path.
+OUTPUT_OPTION = {"table": "--output", "figures": "--out", "train": "--out", "sweep": "--out", "impute": "--out"}
+
+
+def _os_error_line(error, command):
+    """One line for an ``OSError`` that names a file: the directory that could not be written
+    (an atomic write's temporary file stands for its directory) and what to do."""
+    from .checkpoint import unwritable
+
+    path = pathlib.Path(error.filename)
+    if path.name.startswith(".") and path.name.endswith(".tmp"):
+        path = path.parent
+    return str(unwritable(path, error, OUTPUT_OPTION.get(command, "another path")))
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 1 failed runs or a diverged
     training, 2 bad arguments or data, 130 interrupted)."""
@@ -160,6 +175,11 @@ def main(argv=None):
     except BrokenPipeError:  # stdout's reader went away (`pyro-iwem table ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except OSError as e:  # e.g. a read-only output directory
+        if e.filename is None:
+            raise
+        print(f"{prog}: error: {_one_line(_os_error_line(e, args.command))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

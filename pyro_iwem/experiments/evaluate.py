@@ -112,6 +112,10 @@ def score_key(K, inflation=1.0, all_test=False, refit_steps=None):
 def load_best(run_dir, device="cpu"):
     """The ``best.pt`` of a run directory (:class:`RunError` if there is none)."""
     path = pathlib.Path(run_dir) / BEST
+    if not path.parent.exists():
+        raise RunError(f"{run_dir} does not exist")
+    if not path.parent.is_dir():
+        raise RunError(f"{run_dir} is not a directory (give a run directory, which holds {BEST})")
     if not path.is_file():
         raise RunError(f"{run_dir} has no {BEST}: not a run directory, or no epoch finished yet")
     return torch_load(path, map_location=device)

@@ -25,16 +25,19 @@ from .checkpoint import (
     METRICS,
     RUN_FILES,
     SAMPLES,
+    RunDirLock,
     atomic_torch_save,
     atomic_write_json,
     clone_state_dict,
     read_json,
+    readable,
     restore_parameters,
     rng_state,
     set_rng_state,
     torch_load,
 )
 from .errors import RunError, TrainingDiverged
+from .options import PROG
 from .evaluate import completions, gib, mean_log_likelihood, score_key, test_log_likelihood
 from .images import save_completion_grid, save_image_grid, save_learning_curve
 from .setup import (
@@ -105,6 +108,7 @@ class Trainer:
         self.on_epoch = list(on_epoch)
         self.run_dir = pathlib.Path(settings.out)
         self.checkpoint = None
+        self.lock = RunDirLock(self.run_dir)
 
     def log(self, message):
         if not self.quiet:
@@ -164,17 +168,31 @@ class Trainer:
         if s.p_step_inflation is None:  # an IWEM method's P-step draws as its E-step does
             s = dataclasses.replace(s, p_step_inflation=s.proposal_inflation if s.method in IWEM_METHODS else 1.0)
         if s.dataset is None:
-            raise RunError("the following arguments are required: --dataset")
+            raise RunError(f"the following arguments are required: --dataset (see {PROG} train --help)")
         if s.epochs < 1:
             raise RunError(f"--epochs must be >= 1, got {s.epochs}")
         check_missing_data(dataclasses.asdict(s))
         self.settings = s
 
     def prepare(self):
+        """Set the run up (see the class); holds the run directory's lock (:class:`~.checkpoint.RunDirLock`)
+        from here to the end of :meth:`run` (or :meth:`close`): a second run on the same
+        directory fails at once. A directory that does not exist yet is created (and locked) only
+        once the data, model and method are built, so that bad arguments leave nothing behind."""
+        if self.run_dir.is_dir():
+            self.lock.acquire()
         try:
             return self._prepare()
         except ValueError as e:  # raised while building data, model or method from the arguments
+            self.close()
             raise RunError(str(e)) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Release the run directory's lock (:meth:`run` does at its end)."""
+        self.lock.release()
 
     def _prepare(self):
         self._check_run_dir()
@@ -209,11 +227,36 @@ class Trainer:
         self.prior_seconds = 0.0
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+        if self.lock.fd is None:  # the directory did not exist: create and lock it now
+            self.lock.acquire()
+            if not s.force and not s.resume and any((self.run_dir / n).exists() for n in (CHECKPOINT, METRICS)):
+                raise RunError(f"another run started in {self.run_dir} while this one was setting up; give another --out")
         if s.force:
             for name in RUN_FILES:
                 (self.run_dir / name).unlink(missing_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._rewrite_best()
         return self
+
+    def _rewrite_best(self):
+        """A resumed run whose ``best.pt`` is missing or unreadable writes it again from the
+        checkpoint's best parameters."""
+        path = self.run_dir / BEST
+        if self.checkpoint is None or self.best_state is None or (path.is_file() and readable(path)):
+            return
+        self._save_best(self.best_valid, self.best_epoch)
+        self.log(f"wrote {path} again from {CHECKPOINT} (the best parameters, epoch {self.best_epoch})")
+
+    def _save_best(self, valid_ll, epoch):
+        atomic_torch_save(
+            {
+                "model": self.best_state,
+                "config": self.config,
+                "epoch": epoch,
+                "valid_ll": valid_ll,
+                "data_root": self.settings.data_root,
+            },
+            self.run_dir / BEST,
+        )
 
     def _restore(self, ckpt):
         restore_parameters(self.model, ckpt["model"], ckpt["param_store"])
@@ -326,7 +369,14 @@ class Trainer:
         return {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings) if f.name not in skip}
 
     def run(self):
-        """Train until ``--epochs`` or early stopping, then evaluate; returns the metrics."""
+        """Train until ``--epochs`` or early stopping, then evaluate; returns the metrics.
+        Releases the run directory's lock at the end."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self):
         s = self.settings
         start = time.perf_counter()
         if self.done and (self.run_dir / METRICS).is_file():
@@ -348,16 +398,7 @@ class Trainer:
             if improved:
                 self.best_valid, self.best_epoch = valid_ll, self.epoch
                 self.best_state = clone_state_dict(self.model)
-                atomic_torch_save(
-                    {
-                        "model": self.best_state,
-                        "config": self.config,
-                        "epoch": self.epoch,
-                        "valid_ll": valid_ll,
-                        "data_root": s.data_root,
-                    },
-                    self.run_dir / BEST,
-                )
+                self._save_best(valid_ll, self.epoch)
                 self.bad_epochs = 0
             elif alpha is None or alpha >= 1:  # no patience is spent while annealing
                 self.bad_epochs += 1
