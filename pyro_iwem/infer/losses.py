@@ -38,6 +38,10 @@ from .transforms import LatentViews, StopProposalParams
 from .util import ModelError, warn_once
 
 
+#: the decay of the running mean of L_K that is the baseline of discrete globals' REINFORCE term
+BASELINE_DECAY = 0.9
+
+
 def check_num_particles(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer (a number of particles), got {value!r}")
@@ -84,6 +88,8 @@ class ParticleLoss(ELBO):
         )
         self._plates = (max_plate_nesting, data_plate, guide_inputs)
         self._samplers = {}
+        self._baseline = None  # running mean of L_K over earlier draws: the REINFORCE baseline of discrete globals
+        self._baseline_draw = None
 
     def sampler(self, model, guide):
         """The :class:`ParticleSampler` of this loss for (model, guide), built once."""
@@ -111,8 +117,18 @@ class ParticleLoss(ELBO):
     def scaled(self, particles, objective):
         r"""The batch loss of a per-datum objective, ``-sum_i scale * objective_i``; with global
         latents :math:`-L`, :math:`L = \log p(\beta) - \log q(\beta) + \frac NB \sum_i F_i`
-        (:func:`~pyro_iwem.infer.objectives.outer_bound`)."""
-        return -outer_bound(particles, objective)
+        (:func:`~pyro_iwem.infer.objectives.outer_bound`). Non-reparameterised globals get the
+        REINFORCE baseline :math:`b` of the draws before this one (a running mean of L_K, rate
+        :data:`BASELINE_DECAY`), updated once per draw."""
+        scored = particles.log_global_score is not None
+        if scored and particles.global_baseline is None:
+            particles.global_baseline = self._baseline
+        loss = -outer_bound(particles, objective)
+        if scored and self._baseline_draw is not particles:
+            self._baseline_draw = particles
+            value = -loss.detach().item()
+            self._baseline = value if self._baseline is None else BASELINE_DECAY * self._baseline + (1 - BASELINE_DECAY) * value
+        return loss
 
     def phi_loss(self, particles):
         """The batch loss whose φ-gradient this estimator takes (its φ objective, scaled)."""

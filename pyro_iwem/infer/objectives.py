@@ -142,14 +142,15 @@ def outer_bound(particles, per_datum):
     under subsampling. Without globals it is :math:`\frac{N}{B} \sum_i F_i`. The gradient is
     pathwise through a reparameterised β; for globals without ``rsample`` a zero-valued term adds
     REINFORCE's :math:`(L_K - b)\, \nabla \log q(\beta)`, with the baseline :math:`b` =
-    ``particles.global_baseline`` (a number, e.g. a running mean of earlier steps; 0 by default)."""
+    ``particles.global_baseline`` (a number from earlier draws only, so that the estimator stays
+    unbiased: the losses keep a running mean of L_K; 0 when ``None``)."""
     value = (particles.scale * per_datum).sum()
     if not particles.global_sites:
         return value
     value = value + particles.log_global_w.sum()
     score = particles.log_global_score
     if score is not None and score.requires_grad:
-        signal = value.detach() - particles.global_baseline
+        signal = value.detach() - (particles.global_baseline or 0.0)
         value = value + signal * (score - score.detach()).sum()
     return value
 

@@ -68,8 +68,9 @@ class Particles:
     log_global_model_proposed: torch.Tensor | None = None
     log_global_score: torch.Tensor | None = None
     global_sites: tuple = ()
-    #: the baseline of the REINFORCE term of non-reparameterised globals (objectives.outer_bound)
-    global_baseline: float = 0.0
+    #: the baseline of the REINFORCE term of non-reparameterised globals (objectives.outer_bound;
+    #: ``None``: 0), set by the loss from earlier draws only
+    global_baseline: float | None = None
     #: the guide's global latent values (``log_global_*`` and these are the first draw's in :meth:`cat`)
     global_latents: list = field(default_factory=list)
     #: the tensors the model replayed for ``global_latents`` (as ``model_latents``)

@@ -347,7 +347,8 @@ class ParticleSampler:
         if not terms.terms or not terms.has("log_p"):
             raise ModelError("the model has no sample site: there is nothing to weight")
         coupled = outside + terms.shared_latents()
-        self._refuse_or_warn_coupled(coupled, data_plate)
+        coupling = self.global_latents.coupling  # when a guide site couples, the model's latents outside follow it
+        self._refuse_or_warn_coupled([n for n in coupled if n in coupling] if coupling else coupled, data_plate)
         return terms, dict(coupled=bool(coupled), frame=frame, model_proposed=tuple(model_proposed))
 
     def _refuse_or_warn_coupled(self, coupled, data_plate):
