@@ -52,14 +52,37 @@ def test_autoguide_example_bound_below_exact_below_maximum(capsys):
     assert results["train"]["exact"] <= results["train"]["ml"] + 1e-6  # nothing beats the maximum likelihood
 
 
-def test_train_iwem_example_trains_and_prints_a_test_log_likelihood(capsys, tmp_path):
-    # no data root: scikit-learn's bundled 8x8 digits; two steps of a large batch
-    load("train_iwem").main(["--data-root", str(tmp_path / "no-data"), "--epochs", "1", "--batch-size", "700",
-                             "--K", "5", "--J", "5", "--eval-K", "20"])
-    out = capsys.readouterr().out
-    match = re.search(r"test log-likelihood \(IWAE bound, K=20\): (-?[0-9.]+) nats", out)
-    assert match, out
+def test_train_iwem_example_trains_prints_a_test_log_likelihood_and_saves_a_run_evaluate_reads(capsys, tmp_path):
+    import json
+
+    import pytest
+
+    from pyro_iwem.experiments.cli import main
+
+    # scikit-learn's bundled 8x8 digits; two steps of a large batch
+    out = tmp_path / "run"
+    argv = ["--dataset", "digits-8x8", "--epochs", "1", "--batch-size", "700", "--K", "5", "--J", "5", "--eval-K", "20",
+            "--max-test", "100", "--out", str(out)]
+    load("train_iwem").main(argv)
+    captured = capsys.readouterr()
+    stages = [line.split("]")[0] + "]" for line in captured.out.splitlines() if line.startswith("[")]
+    assert stages == ["[1/3]", "[2/3]", "[3/3]"], captured.out
+    assert "/2 [" in captured.err  # the training bar has a total (2 steps), hence an ETA
+    match = re.search(r"test log-likelihood \(IWAE bound, K=20\): (-?[0-9.]+) nats", captured.out)
+    assert match, captured.out
     assert -64 * math.log(2) - 30 < float(match.group(1)) < 0  # per 8x8 binary image
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 100 and metrics["eval_subset"] == "random"
+    # the saved run is one `pyro-iwem evaluate` reads: the same bound, the same samples
+    assert main(["evaluate", str(out), "--K", "20", "--device", "cpu"]) == 0
+    again = re.search(r"test LL (-?[0-9.]+) nats", capsys.readouterr().out)
+    assert abs(float(again.group(1)) - float(match.group(1))) < 0.006, again.group(0)
+    with pytest.raises(SystemExit) as stop:  # a second run does not overwrite the first
+        load("train_iwem").main(argv)
+    assert stop.value.code == 2 and "holds a finished run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a mistyped data root is an error, not a switch to the digits
+        load("train_iwem").main(["--data-root", str(tmp_path / "no-data")])
+    assert stop.value.code == 2 and f"--data-root {tmp_path / 'no-data'} does not exist" in capsys.readouterr().err
 
 
 def test_two_layer_example_learns(capsys):
