@@ -342,3 +342,16 @@ def test_images_file_not_npy(image_run, tmp_path, capsys):
     assert "is not a NumPy .npy array" in one_error_line(capsys, code)
     code = main(["impute", "--images", str(tmp_path / "absent.npy"), "--run", str(image_run), "--out", str(tmp_path / "out")])
     assert "cannot read --images" in one_error_line(capsys, code) and not (tmp_path / "out").exists()
+
+
+def test_a_stray_quote_inside_a_field(tmp_path):
+    """csv reads a quote inside an unquoted field as text; such a record with a gap is written
+    again by csv (the field re-quoted), any other record as it was."""
+    rows = [f"{i},{2 * i},{i % 3}" for i in range(12)] + ['1,2 5",', '7,8 "x" y,']
+    path = tmp_path / "quotes.csv"
+    path.write_text("a,b,c\n" + "\n".join(rows) + "\n")
+    table = read_table(path, drop_columns=["b"])
+    assert table.missing_counts() == {"a": 0, "c": 2}
+    text = table.completed_text(np.where(table.observed, table.values, 9.0))
+    assert text.splitlines()[-2:] == ['1,"2 5""",9.0', '7,8 "x" y,9.0']
+    assert [fields(line)[1] for line in text.splitlines()[-2:]] == ['2 5"', '8 "x" y']

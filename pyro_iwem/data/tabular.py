@@ -12,6 +12,7 @@ fewer than ``min_rows`` rows) with a :class:`TableFormatError` naming the file, 
 import codecs
 import csv
 import dataclasses
+import io
 import pathlib
 
 import numpy as np
@@ -164,9 +165,16 @@ def _split_fields(body, sep):
 
 def _replace_fields(record, replacements, sep):
     """``record``'s text with the fields ``{index: text}`` replaced (blanks around a field
-    kept) and every other byte as written."""
+    kept) and every other byte as written (a record with a stray quote inside a field, which
+    ``csv`` reads as text, is written again by ``csv``)."""
     body = record.raw.rstrip("\r\n")
     fields = _split_fields(body, sep)
+    if len(fields) != len(record.fields):  # a quote inside a field, which csv reads as text
+        out = io.StringIO()
+        csv.writer(out, delimiter=sep, lineterminator=record.raw[len(body):]).writerow(
+            [replacements.get(j, field) for j, field in enumerate(record.fields)]
+        )
+        return out.getvalue()
     for j, text in replacements.items():
         field = fields[j]
         lead = field[: len(field) - len(field.lstrip())]
