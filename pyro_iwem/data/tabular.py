@@ -128,7 +128,7 @@ def _parse_column(cells, label, path, tokens, allow_missing):
         try:
             column[i] = float(text)
         except ValueError:
-            extra = f", or pass --missing-values {text!r} if it marks a missing cell" if allow_missing else ""
+            extra = f", pass --missing-values {text!r} if that text marks a missing cell," if allow_missing else ""
             raise TableFormatError(
                 f"{path}: column {label} is not numeric (line {line}: {text!r}); drop it with "
                 f"--drop-columns{extra} or fix the file"
