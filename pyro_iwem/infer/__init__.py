@@ -14,6 +14,7 @@ Where things go:
 """
 
 from .annealing import Annealing, NoAnnealing
+from .collective import StepRefused, collective_step
 from .evaluation import iwae_bound
 from .imputation import Imputer
 from .inflation import ProposalInflation, inflate
@@ -61,10 +62,12 @@ __all__ = [
     "StopProposalParams",
     "ProposalInflation",
     "STLLoss",
+    "StepRefused",
     "VAELoss",
     "VarianceEstimate",
     "ZeroFilledInputs",
     "build_method",
+    "collective_step",
     "effective_sample_size",
     "estimate_variance",
     "inflate",
