@@ -91,3 +91,15 @@ def test_two_layer_example_learns(capsys):
     assert re.search(r"test log-likelihood \(IWAE bound, K=50\): -?[0-9.]+ nats per image", out), out
     assert all(math.isfinite(results[k]) for k in ("initial", "test")), results
     assert results["test"] > results["initial"] + 10, results  # about -45 at the start, -22 after 150 steps
+
+
+def test_hierarchical_example_bounds_sit_below_the_exact_likelihood(capsys):
+    results = load("hierarchical").main(["--steps", "150", "--eval-K", "50", "--M", "20"])
+    out = capsys.readouterr().out
+    assert "exact log p(x)/N at the ML τ" in out and "PyroModule" in out
+    r = results["random_effects"]
+    assert all(math.isfinite(r[k]) for k in ("bound", "nested", "exact", "ml"))
+    assert r["bound"] <= r["exact"] + 0.01 and r["nested"] <= r["exact"] + 0.01  # bounds, up to Monte Carlo slack
+    assert r["exact"] <= r["ml"] + 1e-9
+    for name in ("IWAELoss(K=1)", "Trace_ELBO"):
+        assert math.isfinite(results["regression"][name]["elbo"])

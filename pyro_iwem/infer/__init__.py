@@ -15,7 +15,7 @@ Where things go:
 
 from .annealing import Annealing, NoAnnealing
 from .collective import StepRefused, collective_step
-from .evaluation import iwae_bound
+from .evaluation import NestedBound, iwae_bound, nested_bound
 from .imputation import Imputer
 from .inflation import ProposalInflation, inflate
 from .iwem import IWEM, IWAEasEM, OnePassIWEM
@@ -29,12 +29,15 @@ from .objectives import (
     log_mean_exp,
     normalized_weights,
     optimal_proposal_objective,
+    outer_bound,
     snis_objective,
 )
 from .particles import Particles
 from .sampler import ParticleSampler
 from .sites import SiteRole
-from .transforms import CutLatents, DetachModelProposals, DrawTransform, LatentViews, ReplayGuide, StopProposalParams
+from .transforms import (
+    CutLatents, DetachModelProposals, DrawTransform, LatentViews, ReplayGlobals, ReplayGuide, StopProposalParams,
+)
 from .variance import VarianceEstimate, estimate_variance
 
 __all__ = [
@@ -51,12 +54,14 @@ __all__ = [
     "IWAELoss",
     "IWAEasEM",
     "LatentViews",
+    "NestedBound",
     "NoAnnealing",
     "OnePassIWEM",
     "OptimalProposalLoss",
     "ParticleLoss",
     "ParticleSampler",
     "Particles",
+    "ReplayGlobals",
     "ReplayGuide",
     "SiteRole",
     "StopProposalParams",
@@ -74,8 +79,10 @@ __all__ = [
     "iwae_bound",
     "iwae_objective",
     "log_mean_exp",
+    "nested_bound",
     "normalized_weights",
     "observe_masked",
     "optimal_proposal_objective",
+    "outer_bound",
     "snis_objective",
 ]

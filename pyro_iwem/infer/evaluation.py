@@ -2,6 +2,7 @@
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,6 +28,7 @@ def iwae_bound(
     sampler=None,
     vectorize_particles=True,
     inflation=1.0,
+    global_particles=1,
     **kwargs,
 ):
     r"""Per-datum IWAE bound :math:`\log \frac{1}{K} \sum_{k=1}^K p(x_i, z_k) / q(z_k \mid x_i)`;
@@ -68,6 +70,9 @@ def iwae_bound(
         this factor, :math:`q_c` (:class:`ProposalInflation`), and weight them by
         :math:`p / q_c`: still a lower bound of :math:`\log p(x_i)`, tightening as K grows,
         whatever the factor (the official code scores every method with :math:`c = 1.5`).
+    :param int global_particles: M draws of the globals: M > 1 returns the nested bound of
+        :func:`nested_bound` (full batch only), divided equally among the data
+        (``bound / B`` each), tighter than L_K; default 1, L_K.
     """
     if num_particles < 1 or (chunk_size is not None and chunk_size < 1) or memory_budget <= 0:
         raise ValueError(
@@ -75,31 +80,122 @@ def iwae_bound(
             f"{chunk_size} and {memory_budget}"
         )
     sampler = ParticleSampler(model, guide, vectorize_particles=vectorize_particles) if sampler is None else sampler
-    total = subsample = None
+    check_num_global_particles(global_particles)
+    with torch.no_grad():
+        if global_particles == 1:
+            draw = _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation)
+            return draw.inner + draw.log_global_w / draw.data_size
+        return _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles).per_datum
+
+
+class NestedBound(NamedTuple):
+    r"""The nested bound of :func:`nested_bound` with its diagnostics."""
+
+    #: :math:`\log \frac1M \sum_m \frac{p(\beta_m)}{q(\beta_m)} \prod_i \hat p_K(x_i \mid \beta_m)`, a float64 scalar
+    bound: torch.Tensor
+    #: ``bound / B`` for each datum, ``(B,)`` (what :func:`iwae_bound` returns with ``global_particles``)
+    per_datum: torch.Tensor
+    #: Kish's ESS of the M draws of β, out of M
+    global_ess: float
+    #: the per-datum ESS of the K particles given each β, averaged over data and draws
+    ess: float
+    #: ``(M,)``: each draw's L_K, :math:`\log p(\beta_m) - \log q(\beta_m) + \sum_i \log \hat p_K(x_i \mid \beta_m)`
+    terms: torch.Tensor
+
+
+def nested_bound(
+    model, guide, *args, global_particles=10, num_particles=1000, chunk_size=None, memory_budget=2**30, sampler=None,
+    vectorize_particles=True, inflation=1.0, **kwargs,
+):
+    r"""The nested bound over M = ``global_particles`` draws of the globals :math:`\beta`
+    (Tensor Monte Carlo's form, Aitchison 2018):
+
+    .. math::
+        \log \frac1M \sum_{m=1}^M \frac{p(\beta_m)}{q(\beta_m)} \prod_{i=1}^N \hat p_K(x_i \mid \beta_m),
+        \qquad \hat p_K(x_i \mid \beta) = \frac1K \sum_{k=1}^K
+            \frac{p(x_i, z_{ik} \mid \beta)}{q(z_{ik} \mid x_i, \beta)},
+
+    a lower bound of :math:`\log p(x)` in expectation that approaches it as M and K grow
+    (with M = 1 it is L_K). The M draws of β are drawn one after the other, each with its K
+    particles drawn in chunks as by :func:`iwae_bound`. It couples the whole data set (the
+    product over every datum sits inside the log-mean-exp over β), so it is full batch
+    only: a subsampled data plate is refused. Returns :class:`NestedBound`.
+    """
+    if sampler is None:
+        sampler = ParticleSampler(model, guide, vectorize_particles=vectorize_particles)
+    check_num_global_particles(global_particles)
+    with torch.no_grad():
+        return _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles)
+
+
+def check_num_global_particles(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"global_particles must be a positive integer (draws of the globals), got {value!r}")
+
+
+class _GivenGlobals(NamedTuple):
+    inner: torch.Tensor  # (B,) log mean_k w_ik given β, float64
+    log_global_w: torch.Tensor  # log p(β) - log q(β), float64 scalar (0 without globals)
+    data_size: float
+    scale: float
+    ess: torch.Tensor  # (B,) per-datum ESS given β
+    has_globals: bool
+
+
+def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation):
+    """One draw of β (if any), then ``num_particles`` particles given it, a chunk at a time (β replayed)."""
+    total = subsample = first = None
+    sum_w2 = None  # for the ESS: log sum_k w_ik^2
     replay = ()  # the first chunk's globals, replayed in the others: one draw of β
     remaining = num_particles
-    with torch.no_grad():
-        while remaining > 0:
-            if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
-                n = PROBE_PARTICLES
-                chunk_size, particles = budget_chunk(
-                    lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, device_of(args)
-                )
-            else:
-                n = min(chunk_size or remaining, remaining)
-                particles = sampler(
-                    n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation, transforms=replay
-                )
-            if total is None and particles.global_sites:
+    while remaining > 0:
+        if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
+            n = PROBE_PARTICLES
+            chunk_size, particles = budget_chunk(
+                lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, device_of(args)
+            )
+        else:
+            n = min(chunk_size or remaining, remaining)
+            particles = sampler(
+                n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation, transforms=replay
+            )
+        if first is None:
+            first = (particles.log_global_w.double().sum(), particles.data_size, particles.scale,
+                     bool(particles.global_sites))  # fmt: skip
+            if particles.global_sites:
                 replay = (ReplayGlobals(particles),)
-                global_share = particles.log_global_w.double().sum() / particles.data_size
-            subsample, log_w = particles.subsample, particles.log_w
-            del particles  # its traces hold the chunk's decoder output: free it before the next draw
-            chunk = torch.logsumexp(log_w.double(), 0)
-            total = chunk if total is None else torch.logaddexp(total, chunk)
-            remaining -= n
-    bound = total - math.log(num_particles)
-    return bound + global_share if replay else bound
+        subsample, log_w = particles.subsample, particles.log_w.double()
+        del particles  # its traces hold the chunk's decoder output: free it before the next draw
+        chunk, chunk_w2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+        sum_w2 = chunk_w2 if sum_w2 is None else torch.logaddexp(sum_w2, chunk_w2)
+        remaining -= n
+    log_global_w, data_size, scale, has_globals = first
+    return _GivenGlobals(
+        total - math.log(num_particles), log_global_w, data_size, scale, (2 * total - sum_w2).exp(), has_globals
+    )
+
+
+def _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles):
+    draws = []
+    for _ in range(global_particles):
+        draw = _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation)
+        if draw.scale != 1.0:
+            raise ValueError(
+                f"global_particles={global_particles} gives the nested bound log mean_m p(β_m)/q(β_m) Π_i p̂(x_i | β_m), "
+                "which couples the whole data set: the product over every datum sits inside the log-mean-exp over β, "
+                "so a minibatch (the data plate is subsampled, scale "
+                f"{draw.scale:g}) has no unbiased estimate of it. Pass the full batch, or use global_particles=1 (L_K)"
+            )
+        draws.append(draw)
+        if not draw.has_globals:
+            break  # no globals: every draw is the same bound
+    log_terms = torch.stack([d.log_global_w + d.inner.sum() for d in draws])
+    bound = torch.logsumexp(log_terms, 0) - math.log(len(draws))
+    batch = draws[0].inner.shape[0]
+    global_ess = (1.0 / torch.softmax(log_terms, 0).pow(2).sum()).item()
+    ess = torch.stack([d.ess for d in draws]).mean().item()
+    return NestedBound(bound, bound.expand(batch) / batch, global_ess, ess, log_terms)
 
 
 def budget_chunk(draw, num_particles, memory_budget, device=None):

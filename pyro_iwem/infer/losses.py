@@ -119,7 +119,7 @@ class ParticleLoss(ELBO):
         latents :math:`-L`, :math:`L = \log p(\beta) - \log q(\beta) + \frac NB \sum_i F_i`
         (:func:`~pyro_iwem.infer.objectives.outer_bound`). Non-reparameterised globals get the
         REINFORCE baseline :math:`b` of the draws before this one (a running mean of L_K, rate
-        :data:`BASELINE_DECAY`), updated once per draw."""
+        ``BASELINE_DECAY`` = 0.9), updated once per draw."""
         scored = particles.log_global_score is not None
         if scored and particles.global_baseline is None:
             particles.global_baseline = self._baseline

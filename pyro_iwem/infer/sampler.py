@@ -214,7 +214,8 @@ class ParticleSampler:
                 "all-global",
                 f"every latent of the model is global (outside the data plate '{data_plate}': "
                 f"{', '.join(repr(n) for n in globals_)}): they are drawn once per step, and the bound L_K is "
-                "the ELBO whatever the number of particles (particles only repeat the same draw)",
+                "the ELBO whatever the number of particles (particles only repeat the same draw); for a bound tighter "
+                "over them, nested_bound or iwae_bound(..., global_particles=M) draws M of them (full batch only)",
             )
 
     def inputs_for_guide(self, args, kwargs):
