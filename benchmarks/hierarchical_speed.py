@@ -6,7 +6,7 @@
 Two models whose latents lie outside the data plate, each trained by ``SVI`` with
 ``Trace_ELBO`` and with ``IWAELoss(K)``, and by ``IWEM``:
 
-* ``regression``: a ``PyroModule`` Bayesian linear regression (``nn.Linear`` with ``PyroSample``
+* ``regression``: examples/hierarchical.py's ``PyroModule`` Bayesian linear regression (``nn.Linear`` with ``PyroSample``
   weights, a global noise scale, ``AutoNormal``), 1000 data, 10 features: every latent global;
 * ``random-effects``: μ ~ N(0, 1) global, z_i ~ N(μ, τ²), x_i ~ N(z_i, 0.5²), 1000 data, a
   hand-written guide q(μ) q(z_i | x_i, μ).
@@ -17,7 +17,9 @@ busy with other work slows them alike; the median step of each is reported with 
 """
 
 import argparse
+import importlib.util
 import json
+import pathlib
 import statistics
 import time
 import warnings
@@ -27,30 +29,24 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
-from pyro.nn import PyroModule, PyroSample
 from torch.distributions import constraints
 
 from pyro_iwem.infer import IWEM, IWAELoss
 
 
-class Regression(PyroModule):
-    def __init__(self, d):
-        super().__init__()
-        self.linear = PyroModule[torch.nn.Linear](d, 1)
-        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, d]).to_event(2))
-        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
-
-    def forward(self, x, y=None):
-        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
-        mean = self.linear(x).squeeze(-1)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+def _example():
+    """examples/hierarchical.py as a module: its BayesianRegression is the model timed here."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "hierarchical.py"
+    spec = importlib.util.spec_from_file_location("hierarchical_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def regression(n=1000, d=10):
     x = torch.randn(n, d)
     y = x @ torch.randn(d) + 0.5 * torch.randn(n)
-    model = Regression(d)
+    model = _example().BayesianRegression(d)
     return model, AutoNormal(model), (x, y)
 
 
