@@ -217,7 +217,7 @@ def scenario_refusal(rank):
             step(bad, idx)
             out[name] = {"error": None}
         except StepRefused as error:
-            out[name] = {"error": str(error), "moved": _max_change(before)}
+            out[name] = {"error": str(error), "moved": _max_change(before), "grads_left": _grads_left()}
         step(X[idx], idx)  # after a refusal caught, the processes still step together
         out[name]["after"] = _store()
     # a refusal in IWEM's P-step on one process, after both M-steps moved θ: θ is put back everywhere
@@ -241,6 +241,12 @@ def nan_in_p_step_guide(rank):
         guide(x * float("nan") if rank == 1 and particles == J else x, idx)
 
     return p_step_fails
+
+
+def _grads_left():
+    """The parameters with a gradient that a next step would add to (SVI leaves zeros)."""
+    return [name for name, value in pyro.get_param_store().named_parameters()
+            if value.grad is not None and value.grad.abs().max() > 0]  # fmt: skip
 
 
 def _max_change(before):
@@ -441,6 +447,7 @@ def test_a_step_refused_on_one_process_is_refused_on_both(runs):
         assert errors[0] is not None and errors[0] == errors[1], (key, errors)
         assert "rank 1 raised ModelError" in errors[0] and "rank 0 raised" not in errors[0], errors[0]
         assert all(result[key]["moved"] == 0.0 for result in results), key
+        assert all(not result[key].get("grads_left") for result in results), key
     assert all(result["p_step"]["num_steps"] == 0 for result in results)
     for key in METHODS:  # the next step is taken together
         for name, value in results[0][key]["after"].items():

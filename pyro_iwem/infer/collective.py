@@ -82,12 +82,15 @@ class _Step:
 
     def __init__(self, voter):
         self.voter = voter
+        self.written = []
 
     def ordered(self, params):
         """Tells the voter the order of the parameters this step wrote gradients to (trace
-        order), for an optimiser later handed them as a set (Pyro's SVI); returns ``params``."""
+        order), for an optimiser later handed them as a set (Pyro's SVI); their gradients are
+        cleared if the step is refused. Returns ``params``."""
+        self.written = list(params)
         if self.voter is not None:
-            self.voter.hint_order(params)
+            self.voter.hint_order(self.written)
         return params
 
 
@@ -113,7 +116,8 @@ class _CollectiveStep:
             self.unsynchronised.__enter__()
         elif self.outermost:
             self.voter.stepping = True
-        return _Step(self.voter)
+        self.step = _Step(self.voter)
+        return self.step
 
     def __exit__(self, kind, error, tb):
         if self.voter is None:
@@ -125,6 +129,10 @@ class _CollectiveStep:
                 self.voter.close()
             elif isinstance(error, Exception) and not getattr(error, "collective_voted", False):
                 self.voter.refuse(error)  # raises StepRefused on every process
+        except StepRefused:
+            for p in self.step.written:  # refused elsewhere: no gradient is left to add to the next step's
+                p.grad = None
+            raise
         finally:
             self.voter.stepping = False
         return False
