@@ -8,7 +8,10 @@ full batch sees: the mean of their gradients (each scaled by N / half) is then t
 batch's gradient up to rounding, for SVI + IWAELoss, IWEM.step and the one-pass step (in
 float64, so that rounding stays far below the 1e-5 asked; in float32 the worst relative
 error was 5.5e-6).
-Each scenario runs in a pair of spawned processes joined with a timeout, so nothing hangs.
+
+One pair of spawned processes runs every scenario in turn (starting them is most of the
+time), saving each outcome as it finishes and stopping after a scenario that failed on
+either; they are joined with a timeout and killed if still running, so nothing hangs.
 """
 
 import gc
