@@ -132,9 +132,13 @@ def test_m_step_gradient_is_autograd_of_l_k_on_the_same_draws():
     torch.testing.assert_close(m_step, bound, rtol=1e-10, atol=1e-12)
 
 
-def test_global_guide_gradient_is_unbiased_for_the_closed_form():
+@pytest.mark.parametrize("loss_class", ["IWAELoss", "STLLoss", "DReGLoss"])
+def test_global_guide_gradient_is_unbiased_for_the_closed_form(loss_class):
     """With the exact local conditional, L_K = log p(x) − KL(q(μ) ‖ p(μ | x)) for every K: the mean
-    of the P-step's gradient for q(μ)'s location and log scale over many draws is −∇KL."""
+    of the loss's gradient for q(μ)'s location and log scale over many draws is ∇KL (IWAE's
+    pathwise gradient, and STL's and DReG's, whose log q(μ) has its parameters stopped)."""
+    import pyro_iwem.infer as infer
+
     x, mean, sd, _ = setup(50)
     pyro.clear_param_store()
     m0, s0 = mean + 0.3, sd * 1.5
@@ -147,19 +151,19 @@ def test_global_guide_gradient_is_unbiased_for_the_closed_form():
             loc, scale = local_posterior(mu, x, TAU)
             pyro.sample("z", dist.Normal(loc, scale))
 
-    loss = IWAELoss(5)
+    loss = getattr(infer, loss_class)(5)
     sampler = loss.sampler(fixed_tau, guide)
     pyro.set_rng_seed(5)
     total = torch.zeros(2, dtype=F64)
     n = 400
     for _ in range(n):
-        p = sampler(5, (x,), {})
+        p = sampler(5, (x,), {}, transforms=loss.transforms())
         grads = loss.gradients(p)
         total += torch.stack([grads[pyro.param("gm").unconstrained()], grads[pyro.param("gls").unconstrained()]])
     mean_grad = (total / n).tolist()
     # -L = KL + const; ∂KL/∂m = (m - m*)/s*², ∂KL/∂log s = -1 + s²/s*²
     expected = [(m0 - mean) / sd**2, -1 + s0**2 / sd**2]
-    print(f"\nmean gradient {mean_grad}, ∇KL {expected}")
+    print(f"\n{loss_class}: mean gradient {mean_grad}, ∇KL {expected}")
     assert mean_grad == pytest.approx(expected, rel=0.05)
 
 
@@ -369,3 +373,35 @@ def test_catalogue_globals_match_trace_elbo_at_k_1(name):
     pyros = -Trace_ELBO().loss(model, poutine.replay(guide, trace=trace), *pattern.args)
     print(f"\n{name}: L_1 {ours:.10f}, Trace_ELBO {pyros:.10f}")
     assert ours == pytest.approx(pyros, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_class", ["STLLoss", "DReGLoss"])
+def test_stl_and_dreg_local_gradients_vanish_at_the_exact_posterior(loss_class):
+    """STL and DReG on the inner part: given β their local estimator is the usual one, so with the
+    exact conditional q(z_i | x_i, μ) every per-datum log weight with the local proposal's
+    parameters stopped is log p(x_i | μ), constant in z: the local parameter's gradient is 0 at
+    every draw (q(μ)'s take L_K's pathwise gradient, as IWAELoss's: the test above)."""
+    import pyro_iwem.infer as infer
+
+    x, mean, sd, _ = setup(30)
+    pyro.clear_param_store()
+
+    def guide(x, batch_size=None):
+        m = pyro.param("gm", torch.tensor(mean, dtype=F64))
+        s = pyro.param("gs", torch.tensor(sd, dtype=F64))
+        w = pyro.param("gw", torch.tensor(1.0, dtype=F64))  # the local scale's factor, exact at 1
+        mu = pyro.sample("mu", dist.Normal(m, s))
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = local_posterior(mu, x, TAU)
+            pyro.sample("z", dist.Normal(loc, w * scale))
+
+    loss = getattr(infer, loss_class)(4)
+    sampler = loss.sampler(fixed_tau, guide)
+    pyro.set_rng_seed(12)
+    largest = 0.0
+    for _ in range(5):
+        grads = loss.gradients(sampler(4, (x,), {}, transforms=loss.transforms()))
+        assert pyro.param("gm").unconstrained() in grads  # q(μ)'s, from L_K
+        largest = max(largest, grads[pyro.param("gw").unconstrained()].abs().item())
+    print(f"\n{loss_class}: the local parameter's largest gradient at the exact posterior {largest:.2e}")
+    assert largest < 1e-9

@@ -22,6 +22,7 @@ guide's distribution parameters detached (the path through :math:`z_k(\phi)` kep
 """
 
 import math
+from dataclasses import replace
 
 import torch
 from pyro.infer import ELBO
@@ -190,17 +191,37 @@ class ParticleLoss(ELBO):
 
     def gradients(self, particles):
         """This estimator's θ and φ gradients on ``particles``, as ``{param: gradient}``."""
-        groups = particles.param_groups()
-        self._refuse_shared(groups)
+        groups, grads = self._groups(particles)
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is phi_objective:  # one surrogate: one backward pass for both groups
-            return gradients(self.scaled(particles, theta_objective), groups.theta + groups.phi)  # shared ⊂ θ
-        grads = {}
+            grads.update(gradients(self.scaled(particles, theta_objective), groups.theta + groups.phi))  # shared ⊂ θ
+            return grads
         if theta_objective is not None:  # both from one graph: keep it for the second
             grads.update(gradients(self.scaled(particles, theta_objective), groups.theta, retain_graph=True))
         if phi_objective is not None:
             grads.update(self.phi_gradients(particles, groups.phi)[0])
         return grads
+
+    def _groups(self, particles):
+        r"""``(groups, grads)``: the parameter groups this estimator's surrogates step, and the
+        gradients already taken for the others. With stopped proposal parameters (STL, DReG) and
+        global latents, the estimator is the inner part's: the parameters of :math:`q(\beta)` take
+        the pathwise gradient of L_K with IWAE inside and :math:`\log q` unstopped (a local
+        proposal :math:`q(z \mid x, \beta)` depends on :math:`\beta`, a path that stopping its
+        parameters would cut), and leave φ."""
+        groups = particles.param_groups()
+        self._refuse_shared(groups)
+        if not self.stop_proposal_params or particles.log_q_unstopped is None:
+            return groups, {}
+        global_phi = global_guide_params(particles, groups.phi)
+        if not global_phi:
+            return groups, {}
+        unstopped = replace(
+            particles, log_q=particles.log_q_unstopped, log_global_q=particles.log_global_q_unstopped
+        )
+        grads = gradients(-outer_bound(unstopped, iwae_objective(unstopped)), global_phi, retain_graph=True)
+        kept = set(global_phi)
+        return groups._replace(phi=tuple(p for p in groups.phi if p not in kept)), grads
 
     def _refuse_shared(self, groups):
         if self.stop_proposal_params and groups.shared:
@@ -256,7 +277,9 @@ class STLLoss(IWAELoss):
     the guide's distribution parameters are detached, so the φ-gradient
     :math:`\sum_k \bar w_k \, \partial_z \log \tilde w_k \, \partial_\phi z_k` drops the score
     term :math:`\partial_\phi \log q`. The θ-gradient and the value are IWAE's. With K = 1 it
-    is the STL estimator of the ELBO gradient."""
+    is the STL estimator of the ELBO gradient. With global latents :math:`\beta` it is the
+    estimator of the inner part, given :math:`\beta`; :math:`q(\beta)`'s parameters take the
+    pathwise gradient of L_K (:meth:`ParticleLoss._groups`)."""
 
     stop_proposal_params = True
 
@@ -268,7 +291,9 @@ class DReGLoss(ParticleLoss):
     :math:`\sum_k \lfloor \bar w_k^2 \rfloor \log \tilde w_k`, whose gradient is
     :math:`\sum_k \bar w_k^2 \, \partial_z \log \tilde w_k \, \partial_\phi z_k`, with
     :math:`\tilde w_k` computed with the guide's distribution parameters detached. Unbiased
-    for the IWAE φ-gradient, with lower variance. The value reported is the IWAE bound."""
+    for the IWAE φ-gradient, with lower variance. The value reported is the IWAE bound. With
+    global latents :math:`\beta`, as :class:`STLLoss`: the inner part's estimator, and
+    :math:`q(\beta)` along the pathwise gradient of L_K."""
 
     stop_proposal_params = True
     latent_views = True
@@ -285,13 +310,13 @@ class DReGLoss(ParticleLoss):
         θ's gradient does not pass through the latents and stays IWAE's."""
         if particles.layout is None:  # particles drawn one at a time: two surrogates, two passes
             return super().gradients(particles)
-        groups = particles.param_groups()
-        self._refuse_shared(groups)
+        groups, grads = self._groups(particles)
         weights = particles.per_latent(normalized_weights(particles.log_w.detach()))
         hooks = [z.register_hook(lambda g, w=w: g * w) for z, w in zip(particles.latents, weights) if z.requires_grad]
         try:
             bound = log_mean_exp(particles.log_w)
-            return gradients(self.scaled(particles, bound), groups.theta + groups.phi)
+            grads.update(gradients(self.scaled(particles, bound), groups.theta + groups.phi))
+            return grads
         finally:
             for hook in hooks:
                 hook.remove()

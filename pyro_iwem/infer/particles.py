@@ -8,7 +8,7 @@ from pyro import poutine
 from .params import ParamSplitter
 
 #: The ``(N, B)`` tensors of :class:`Particles`, concatenated along the particles by :meth:`Particles.cat`.
-DENSITIES = ("log_p", "log_q", "log_model_proposed", "log_score", "log_score_leaves")
+DENSITIES = ("log_p", "log_q", "log_model_proposed", "log_score", "log_score_leaves", "log_q_unstopped")
 
 
 @dataclass
@@ -73,6 +73,10 @@ class Particles:
     global_baseline: float | None = None
     #: the guide's global latent values (``log_global_*`` and these are the first draw's in :meth:`cat`)
     global_latents: list = field(default_factory=list)
+    #: with globals and a transform that changes log q (StopProposalParams): ``log_q`` and
+    #: ``log_global_q`` as the guide's own distributions give them (``None`` otherwise)
+    log_q_unstopped: torch.Tensor | None = None
+    log_global_q_unstopped: torch.Tensor | None = None
     #: the tensors the model replayed for ``global_latents`` (as ``model_latents``)
     global_model_latents: list = field(default_factory=list)
 

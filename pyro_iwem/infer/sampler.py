@@ -310,6 +310,8 @@ class ParticleSampler:
         terms = PerDatum(ndim, None if frame is None else ndim + frame.dim)
         outside, enumerated, model_proposed = [], [], []  # latents outside the data plate, ...
         detached = draw.detach_model_proposals
+        # STL/DReG with globals: the unstopped log q too, for q(β)'s L_K gradient (losses.ParticleLoss._groups)
+        unstopped = any(self.global_latents.is_global(site) for _, site in density_sites(guide_trace))
         for program, trace in (("model", model_trace), ("guide", guide_trace)):
             for name, site in density_sites(trace):
                 if program == "guide" and site["is_observed"]:
@@ -341,6 +343,11 @@ class ParticleSampler:
                 add = terms.add_global if role.is_global else terms.add
                 for total in TOTALS[role]:
                     add(total, name, log_prob, latent, inside)
+                if program == "guide" and unstopped and fn is not site["fn"]:
+                    own = scale_and_mask(site_log_prob(site["fn"], site["value"], site["args"], site["kwargs"]),
+                                         scale, site["mask"])  # fmt: skip
+                    for total in TOTALS[role]:
+                        add(total + "_unstopped", name, own, latent, inside)
                 if not pathwise and role in SCORE_TOTALS:
                     add(SCORE_TOTALS[role], name, log_prob, latent, inside)
         if enumerated:
@@ -426,6 +433,7 @@ class ParticleSampler:
             guide_trace=guide_trace,
             log_score=totals.get("log_score"),
             log_score_leaves=totals.get("log_score_leaves"),
+            log_q_unstopped=totals.get("log_q_unstopped"),
             latents=[site["value"] for site in latent_sites],
             model_latents=[
                 model_trace.nodes[site["name"]]["value"] if site["name"] in model_trace.nodes else None
