@@ -405,3 +405,25 @@ def test_stl_and_dreg_local_gradients_vanish_at_the_exact_posterior(loss_class):
         largest = max(largest, grads[pyro.param("gw").unconstrained()].abs().item())
     print(f"\n{loss_class}: the local parameter's largest gradient at the exact posterior {largest:.2e}")
     assert largest < 1e-9
+
+
+def test_one_pass_iwem_takes_the_two_pass_step_with_globals():
+    """IWEM(one_pass=True) on the random-effects model: one warning naming 'mu', then Algorithm 2's
+    step, which is IWEM's on the same seed."""
+    from tests.hierarchical_models import trainable_guide
+
+    x = data(20)
+    results = []
+    for one_pass in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(13)
+        iwem = IWEM(model, trainable_guide, K=5, J=5, annealing=None, one_pass=one_pass,
+                    optim=pyro.optim.Adam({"lr": 0.01}))  # fmt: skip
+        if one_pass:
+            with pytest.warns(UserWarning, match="one_pass=True.*two-pass.*'mu'"):
+                iwem.step(x)
+        else:
+            iwem.step(x)
+        iwem.step(x)
+        results.append([pyro.param(n).item() for n in ("q_m", "q_s", "tau")])
+    assert results[0] == results[1]

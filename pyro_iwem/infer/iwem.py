@@ -364,7 +364,8 @@ class OnePassIWEM(IWEM):
     backward pass through the model (:func:`~pyro_iwem.infer.grads.shared_draw_gradients`),
     so a step costs about what an IWAE step does. ``proposal_inflation`` widens all K
     particles, the ones the ELBO term averages included; ``p_step_inflation``, if given, must
-    equal it, and ``L`` must be 1. The other arguments are :class:`IWEM`'s.
+    equal it, and ``L`` must be 1. The other arguments are :class:`IWEM`'s. On a model with global
+    latents it takes :class:`IWEM`'s two-pass step (J particles in the P-step), with a warning.
     """
 
     one_pass = True
@@ -383,6 +384,16 @@ class OnePassIWEM(IWEM):
             )
 
     def _step(self, args, kwargs, guide_args):
+        found = self.sampler.global_names(args, kwargs, guide_args)
+        if found:  # q(β) steps along L_K, which the one pass through the cut latents cannot give
+            warn_once(
+                self.sampler.warned,
+                "one-pass-globals",
+                f"IWEM(one_pass=True) takes the two-pass step (Algorithm 2) on a model with global latents "
+                f"({', '.join(repr(n) for n in found)}): their guide steps along L_K, whose gradient reaches them "
+                "through every datum's weights, which the one-pass step's cut latents do not carry",
+            )
+            return IWEM._step(self, args, kwargs, guide_args)
         particles = self.sampler(
             self.K, args, kwargs, grad_guide=True, guide_args=guide_args, inflation=self.proposal_inflation,
             transforms=(DetachModelProposals(), CutLatents()),

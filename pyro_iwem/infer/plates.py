@@ -49,12 +49,14 @@ class GlobalLatents:
     :param str data_plate: the data plate's name (``None``: no data plate, nothing is global).
     :param bool has_locals: whether the model has a latent inside the data plate.
     :param tuple coupling: guide sites that couple the batch.
+    :param tuple names: the model's global latents found in the run.
     """
 
-    def __init__(self, data_plate=None, has_locals=True, coupling=()):
+    def __init__(self, data_plate=None, has_locals=True, coupling=(), names=()):
         self.data_plate = data_plate
         self.has_locals = has_locals
         self.coupling = tuple(coupling)
+        self.names = tuple(names)
 
     @property
     def active(self):
@@ -72,7 +74,9 @@ class GlobalLatents:
                 continue
             if (is_auxiliary(site) and inside) or name in inside:
                 coupling.append(name)
-        return cls(data_plate, bool(inside), coupling)
+        found = cls(data_plate, bool(inside), coupling)
+        found.names = tuple(name for name, site in density_sites(model_trace) if found.is_global(site))
+        return found
 
     def is_global(self, site):
         """Whether sample site (or message) ``site`` is a global latent, drawn once."""

@@ -207,7 +207,7 @@ class ParticleSampler:
             self.max_plate_nesting = max_plate_nesting_of(guide_trace, model_trace)
         data_plate = self._find_data_plate(model_trace)
         self.global_latents = found = GlobalLatents.from_traces(data_plate, model_trace, guide_trace)
-        globals_ = [name for name, site in density_sites(model_trace) if found.is_global(site)]
+        globals_ = found.names
         if globals_ and not found.has_locals:
             warn_once(
                 self.warned,
@@ -217,6 +217,13 @@ class ParticleSampler:
                 "the ELBO whatever the number of particles (particles only repeat the same draw); for a bound tighter "
                 "over them, nested_bound or iwae_bound(..., global_particles=M) draws M of them (full batch only)",
             )
+
+    def global_names(self, args, kwargs, guide_args=None):
+        """The model's global latents (drawn once per call), found from one run on the first call."""
+        if self.max_plate_nesting is None or self.global_latents is None:
+            guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
+            self._probe(args, kwargs, guide_args, guide_kwargs)
+        return self.global_latents.names
 
     def inputs_for_guide(self, args, kwargs):
         """The guide's ``(args, kwargs)``: ``guide_inputs`` applied to the model's, or the same."""
