@@ -106,6 +106,10 @@ class DistributedOptim(PyroOptim):
         return dist.is_available() and dist.is_initialized()
 
     def __call__(self, params, *args, **kwargs):
+        if not self.active:
+            raise RuntimeError(
+                "DistributedOptim steps after torch.distributed.init_process_group(...); it is not initialised"
+            )
         params = params if isinstance(params, (list, tuple)) else set(params)  # an iterator is read once
         try:
             try:
@@ -274,7 +278,7 @@ def broadcast_parameters(src=0, params=None, group=None):
     :param group: the process group (default: the world).
     """
     if params is None:
-        params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+        params = [p for _, p in sorted(pyro.get_param_store().named_parameters(), key=lambda item: item[0])]
     elif isinstance(params, torch.nn.Module):
         params = [*params.parameters(), *params.buffers()]
     params, names = ordered_params(params)
