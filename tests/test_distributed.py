@@ -472,3 +472,34 @@ def test_ddp_modules_are_synchronised_or_refused(runs):
             assert torch.equal(initial0[name], initial1[name]), name
             assert not torch.equal(final0[name], initial0[name]), f"{method}: {name} did not move"
             assert torch.equal(final0[name], final1[name]), f"{method}: {name} differs between the processes"
+
+
+# --- one process ----------------------------------------------------------------------------
+
+
+def test_parameters_are_ordered_by_name_else_as_given_else_by_the_trace():
+    from pyro_iwem.distributed import ordered_params
+
+    b, a = pyro.param("b", torch.zeros(1)).unconstrained(), pyro.param("a", torch.zeros(2)).unconstrained()
+    ordered, names = ordered_params({b, a})
+    assert names == ["a", "b"] and ordered[0] is a and ordered[1] is b
+    x, y = torch.zeros(1, requires_grad=True), torch.zeros(2, requires_grad=True)
+    assert [id(p) for p in ordered_params([y, x, y])[0]] == [id(y), id(x)]
+    assert [id(p) for p in ordered_params({x, y}, hint=[y, x])[0]] == [id(y), id(x)]
+    with pytest.raises(ModelError, match="unordered set.*in a list"):
+        ordered_params({x, y})
+
+
+def test_a_distributed_optimiser_needs_a_pyro_optimiser_and_a_process_group():
+    with pytest.raises(TypeError, match="PyroOptim"):
+        DistributedOptim(torch.optim.SGD)
+    optim = DistributedOptim(pyro.optim.SGD({"lr": 1.0}))
+    with pytest.raises(TypeError, match="PyroOptim"):
+        DistributedOptim(optim)
+    assert optim.pt_optim_args == {"lr": 1.0} and optim.optim_objs is optim.optim.optim_objs
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        optim([p])
+    with collective_step(optim=optim):  # no process group: the step does not vote
+        pass
