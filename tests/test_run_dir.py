@@ -145,3 +145,10 @@ def test_an_unwritable_output_directory_is_one_line(finished_run, read_only, cap
     line = one_error_line(capsys, main(argv))
     option = "--output" if command == "table" else "--out"
     assert f"cannot write in {read_only}" in line and f"make it writable or give another {option}" in line, line
+
+
+def test_a_diverging_training_is_one_line_and_exit_status_1(tmp_path, capsys):
+    code = main(["train", *TINY, "--max-train", "300", "--epochs", "2", "--lr", "1e6", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "in epoch 1" in err and "nothing was saved (try a smaller --lr)" in err

@@ -62,13 +62,28 @@ def save_image_grid(images, image_shape, path, **kwargs):
 
 
 def _save_epoch_plot(fig, ax, title, path):
-    """Label a validation-per-epoch plot and write it to ``path`` as a PNG, atomically."""
+    """Label a validation-per-epoch plot (whole epochs on the x axis) and write it to ``path``
+    as a PNG, atomically."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation log-likelihood (nats)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save_figure(fig, path)
+
+
+def _log_y(ax):
+    """A log y axis labelled in one notation: ticks at 1, 2 and 5 times the powers of ten,
+    each written as ``%g`` (0.2, 0.5, 1, 2e-05), no labels on the minor ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _save_figure(fig, path):
@@ -93,7 +108,7 @@ def save_method_curves(histories, path, title=""):
         valid = np.array([[e["valid_ll"] for e in h[:length]] for h in runs], dtype=float)
         epochs = np.arange(1, length + 1)
         mean = valid.mean(0)
-        (line,) = ax.plot(epochs, mean, lw=1.4, label=f"{method} ({len(runs)} runs): {mean[-1]:.2f}")
+        (line,) = ax.plot(epochs, mean, lw=1.4, label=f"{method} ({len(runs)} run{'s' if len(runs) > 1 else ''}): {mean[-1]:.2f}")
         if len(runs) > 1:
             ax.fill_between(epochs, valid.min(0), valid.max(0), color=line.get_color(), alpha=0.15)
     _save_epoch_plot(fig, ax, title, path)
@@ -118,9 +133,6 @@ def save_learning_curve(history, path, title=""):
     annealed = [h["epoch"] for h in history if h.get("alpha") is not None and h["alpha"] >= 1]
     if annealed and annealed[0] != epochs[0]:
         ax.axvline(annealed[0], color="gray", ls="--", lw=0.8, label="α reaches 1")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save_epoch_plot(fig, ax, title, path)
 
 
@@ -178,7 +190,7 @@ def save_variance_curves(curves, path, title=""):
                 ax.fill_between(epochs, values.min(1), values.max(1), color=line.get_color(), alpha=0.15)
             positive = positive and bool((values > 0).all())
         if positive:
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(f"variance of {name}", fontsize=9)
@@ -202,7 +214,7 @@ def save_variance_boxplots(boxes, path, title="", xlabel="", ylabel="variance"):
     series = list(dict.fromkeys(name for inner in boxes.values() for name in inner))
     colors = {name: f"C{i}" for i, name in enumerate(series)}
     width = min(0.8 / max(len(series), 1), 0.4)
-    fig = Figure(figsize=(max(5.0, 1.2 + 1.1 * len(boxes) * max(len(series), 1) ** 0.5), 4.5), dpi=100)
+    fig = Figure(figsize=(max(5.0, 1.2 + 1.1 * len(boxes) * max(len(series), 1) ** 0.5) + 1.6, 4.5), dpi=100)
     ax = fig.add_subplot()
     positive = True
     for i, (category, inner) in enumerate(boxes.items()):
@@ -219,10 +231,12 @@ def save_variance_boxplots(boxes, path, title="", xlabel="", ylabel="variance"):
     ax.set_xticklabels(list(boxes), fontsize=8, rotation=0 if len(boxes) < 5 else 20)
     ax.set_xlim(-0.6, len(boxes) - 0.4)
     if positive:
-        ax.set_yscale("log")
+        _log_y(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(handles=[Patch(facecolor=colors[n], alpha=0.6, label=n) for n in series], fontsize=8)
+    # beside the axes, not over the boxes and their whiskers
+    ax.legend(handles=[Patch(facecolor=colors[n], alpha=0.6, label=n) for n in series], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     _save_figure(fig, path)

@@ -77,6 +77,18 @@ def train_command(run, run_dir, extra_argv=()):
     return [sys.executable, "-m", "pyro_iwem", *train_argv(run, run_dir, extra_argv)]
 
 
+#: The logger of Ray's token-authentication set-up.
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _QuietTokenNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster has token authentication, its default (it
+    says so at every ``ray.init``); its other warnings, e.g. that authentication is off, pass."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def import_ray(address=None):
     """``ray``, or a :class:`RunError` saying how to install it. Sets Ray's environment
     first, each unless already set:
@@ -88,11 +100,17 @@ def import_ray(address=None):
       ``sweep`` was before ran them at normal priority;
     - to connect to ``address`` with a token at hand, ``RAY_AUTH_MODE=token``: Ray (2.60)
       starts clusters with token authentication, but refuses a driver ("InvalidAuthToken")
-      whose process did not have that mode set when it imported ``ray``.
+      whose process did not have that mode set when it imported ``ray``;
+    - with no ``address``, Ray's own choice for a new local cluster (token authentication, a
+      token in ``~/.ray/auth_token`` made if missing), without the warning that it prints about
+      that choice at every sweep (:class:`_QuietTokenNotice`).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not address:
         os.environ.setdefault("RAY_worker_niceness", "0")
+        logger = logging.getLogger(RAY_AUTH_LOGGER)
+        if not any(isinstance(f, _QuietTokenNotice) for f in logger.filters):
+            logger.addFilter(_QuietTokenNotice())
     elif "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     try:
@@ -192,7 +210,7 @@ class Sweep:
         out=None,
     ):
         self.runs = runs
-        self.sweep_dir = pathlib.Path(sweep_dir).absolute()
+        self.sweep_dir = pathlib.Path(os.path.abspath(sweep_dir))  # absolute, without ".." in it
         self.names = [run_name(**run) for run in runs]
         self.extra_argv = list(extra_argv)
         if "--threads" not in self.extra_argv:

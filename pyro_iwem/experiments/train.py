@@ -207,6 +207,14 @@ class Trainer:
         pyro.set_rng_seed(s.seed)
         self.data = load_data(self.config, s.data_root)
         self.model = make_model(self.config, self.data, self.device)
+        if s.model in ("cnn", "cnn-light") and tuple(self.data.image_shape) != (28, 28):
+            h, w = self.data.image_shape
+            print(
+                f"{PROG} train: warning: --model {s.model} is the paper's network for 28x28 images (7x7 feature maps "
+                f"after its strided convolutions); {s.dataset}'s {h}x{w} images leave it {math.ceil(h / 4)}x"
+                f"{math.ceil(w / 4)}: an MLP (--model mlp) is the model for them",
+                file=sys.stderr, flush=True,
+            )
         if s.log_p_offset is None:  # the protocol's constant depends on the model's latent size
             offset = protocol_log_p_offset(s.protocol, s.method, self.model)
             self.settings = s = dataclasses.replace(s, log_p_offset=offset)
@@ -301,14 +309,20 @@ class Trainer:
         )
         loss_sum, count = 0.0, 0
         means = {"ESS": _RunningMean(), "bound": _RunningMean()}
-        for batch in bar:
-            loss = method.step(*batch) if masked else method.step(batch)
+        kept = (
+            f"the checkpoint of epoch {self.epoch} in {self.run_dir} is kept (try a smaller --lr)" if self.epoch
+            else "no epoch had finished, so nothing was saved (try a smaller --lr)"
+        )
+        for step, batch in enumerate(bar, 1):
+            try:
+                loss = method.step(*batch) if masked else method.step(batch)
+            except ValueError as e:  # the method's refusal (NaN gradients) or torch's check of a parameter
+                bar.close()
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise TrainingDiverged(f"training stopped in epoch {self.epoch + 1} at step {step}: {reason}; {kept}") from None
             if not math.isfinite(loss):
                 bar.close()
-                raise TrainingDiverged(
-                    f"the training loss became {loss} in epoch {self.epoch + 1}; the checkpoint of "
-                    f"epoch {self.epoch} in {self.run_dir} is kept (try a smaller --lr)"
-                )
+                raise TrainingDiverged(f"the training loss became {loss} in epoch {self.epoch + 1}; {kept}")
             loss_sum += loss
             count += len(batch[0]) if masked else len(batch)
             means["ESS"].add(method.ess)
