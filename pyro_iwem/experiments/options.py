@@ -234,7 +234,9 @@ def add_table_parser(subparsers):
         help="tabulate finished runs (Table 1 style)",
         description="Read metrics.json of the given run directories (parent directories are "
         "searched recursively) and print mean ± std (n) over seeds: rows methods in the paper's "
-        "order, columns data sets (and models); then the mean wall-clock time per run.",
+        "order, split by every setting the runs differ in (K, J, L, --epochs, --patience, ...), "
+        "columns data sets (and models); a run found twice (same settings and seed) counts once; "
+        "then the mean wall-clock time per run.",
     )
     p.add_argument("paths", nargs="+", metavar="RUN_DIR")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown")

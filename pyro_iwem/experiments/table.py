@@ -4,7 +4,10 @@ Rows are methods in the paper's order (with K and J when a method was run with s
 with every setting of :data:`SETTING_KEYS` in which the runs differ, such as ``L=50`` or
 ``protocol=official``), columns data sets (and models, when the runs use several); a cell is
 ``mean ± std (n)`` over the runs (seeds) that share its row and column, so runs of different
-experiments are never pooled. A second table gives the mean wall-clock seconds per run.
+experiments are never pooled: rows are split, too, by the settings of :data:`RESULT_KEYS`
+(``max_epochs``, ``patience``, ...) where runs that would share a row differ in them, and a
+run found twice (a copy: the same settings and seed) is counted once. A second table gives
+the mean wall-clock seconds per run.
 """
 
 import csv
