@@ -427,3 +427,21 @@ def test_one_pass_iwem_takes_the_two_pass_step_with_globals():
         iwem.step(x)
         results.append([pyro.param(n).item() for n in ("q_m", "q_s", "tau")])
     assert results[0] == results[1]
+
+
+def test_iwae_loss_with_global_particles_is_the_nested_bound():
+    """IWAELoss(global_particles=M): at the exact posterior every draw's L_K is log p(x), so the nested
+    loss is −log p(x) and the M draws' ESS is M; its gradient steps the guide; a minibatch is refused."""
+    from tests.hierarchical_models import trainable_guide
+
+    x, mean, sd, exact = setup(30)
+    loss = IWAELoss(3, global_particles=4)
+    assert loss.loss(fixed_tau, exact_guide(TAU, mean, sd), x) == pytest.approx(-exact, abs=1e-10)
+    assert loss.global_ess == pytest.approx(4.0, abs=1e-9)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(14)
+    value = loss.loss_and_grads(fixed_tau, trainable_guide, x)
+    assert math.isfinite(value) and pyro.param("q_m").unconstrained().grad is not None
+    assert 1.0 <= loss.global_ess <= 4.0
+    with pytest.raises(ValueError, match="couples the whole data set"):
+        loss.loss_and_grads(fixed_tau, trainable_guide, x, batch_size=10)

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .objectives import nested_outer_bound, refuse_subsampled_nested
 from .sampler import ParticleSampler
 from .transforms import ReplayGlobals
 from .util import device_of
@@ -180,18 +181,12 @@ def _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inf
     draws = []
     for _ in range(global_particles):
         draw = _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation)
-        if draw.scale != 1.0:
-            raise ValueError(
-                f"global_particles={global_particles} gives the nested bound log mean_m p(β_m)/q(β_m) Π_i p̂(x_i | β_m), "
-                "which couples the whole data set: the product over every datum sits inside the log-mean-exp over β, "
-                "so a minibatch (the data plate is subsampled, scale "
-                f"{draw.scale:g}) has no unbiased estimate of it. Pass the full batch, or use global_particles=1 (L_K)"
-            )
+        refuse_subsampled_nested(global_particles, draw.scale)
         draws.append(draw)
         if not draw.has_globals:
             break  # no globals: every draw is the same bound
     log_terms = torch.stack([d.log_global_w + d.inner.sum() for d in draws])
-    bound = torch.logsumexp(log_terms, 0) - math.log(len(draws))
+    bound = nested_outer_bound(log_terms)
     batch = draws[0].inner.shape[0]
     global_ess = (1.0 / torch.softmax(log_terms, 0).pow(2).sum()).item()
     ess = torch.stack([d.ess for d in draws]).mean().item()

@@ -30,7 +30,8 @@ from pyro.infer import ELBO
 from .collective import collective_step
 from .grads import accumulate_grads, gradients
 from .objectives import (
-    elbo_objective, iwae_objective, log_mean_exp, normalized_weights, optimal_proposal_objective, outer_bound,
+    elbo_objective, iwae_objective, log_mean_exp, nested_outer_bound, normalized_weights, optimal_proposal_objective,
+    outer_bound, refuse_subsampled_nested,
 )
 from .params import global_guide_params
 from .sampler import ParticleSampler
@@ -263,11 +264,69 @@ class IWAELoss(ParticleLoss):
     :math:`\hat L^{IWAE} = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k; \theta)}{q(z_k \mid x; \phi)}`,
     with the reparameterised gradient for θ and φ (Burda et al. 2015) and VIMCO's
     leave-one-out score-function gradient for non-reparameterised sites (Mnih & Rezende 2016).
-    Its value equals Pyro's ``RenyiELBO(alpha=0)`` on the same samples."""
+    Its value equals Pyro's ``RenyiELBO(alpha=0)`` on the same samples.
+
+    :param int global_particles: M draws of the global latents per step (default 1: L_K). With
+        M > 1 the loss is the nested bound
+        :math:`-\log \frac1M \sum_m \frac{p(\beta_m)}{q(\beta_m)} \prod_i \hat p_K(x_i \mid \beta_m)`
+        (:func:`~pyro_iwem.infer.nested_bound`), the M draws taken one after the other, with its
+        pathwise gradient; full batch only (a subsampled data plate is refused), reparameterised
+        globals only. :attr:`global_ess` is then the ESS of the last step's M draws.
+
+    The other parameters are :class:`ParticleLoss`'s.
+    """
+
+    def __init__(
+        self, num_particles=50, max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True,
+        global_particles=1,
+    ):
+        super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)
+        if isinstance(global_particles, bool) or not isinstance(global_particles, int) or global_particles < 1:
+            raise ValueError(f"global_particles must be a positive integer (draws of the globals), got {global_particles!r}")
+        self.global_particles = global_particles
+        #: the ESS of the last step's draws of the globals, out of ``global_particles``
+        self.global_ess = float("nan")
 
     def objectives(self, particles):
         bound = iwae_objective(particles)
         return bound, bound
+
+    def _nested(self, model, guide, args, kwargs, grad):
+        """``(draws, nested bound)`` of ``global_particles`` draws of the globals."""
+        sampler = self.sampler(model, guide)
+        draws = []
+        for _ in range(self.global_particles):
+            p = self._particles(model, guide, args, kwargs) if grad else sampler(self.num_particles, args, kwargs, grad_guide=False)
+            refuse_subsampled_nested(self.global_particles, p.scale)
+            if p.log_global_score is not None and p.log_global_score.requires_grad:
+                raise ModelError(
+                    f"IWAELoss(global_particles={self.global_particles}) needs reparameterised globals; "
+                    f"{', '.join(repr(n) for n in p.global_sites)} include one without rsample: use global_particles=1"
+                )
+            draws.append(p)
+            if not p.global_sites:
+                break  # nothing global: every draw is the same bound
+        values = torch.stack([outer_bound(p, iwae_objective(p)) for p in draws])
+        self.global_ess = (1.0 / torch.softmax(values.detach(), 0).pow(2).sum()).item()
+        return draws, nested_outer_bound(values)
+
+    def loss(self, model, guide, *args, **kwargs):
+        if self.global_particles == 1:
+            return super().loss(model, guide, *args, **kwargs)
+        with torch.no_grad():
+            return -self._nested(model, guide, args, kwargs, grad=False)[1].item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        if self.global_particles == 1:
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        with collective_step(model, guide) as step:
+            draws, bound = self._nested(model, guide, args, kwargs, grad=True)
+            params = []
+            for p in draws:
+                groups = p.param_groups()
+                params += [t for t in groups.theta + groups.phi if all(t is not q for q in params)]
+            step.ordered(accumulate_grads(gradients(-bound, params)))
+            return -bound.item()
 
 
 class STLLoss(IWAELoss):
@@ -279,7 +338,7 @@ class STLLoss(IWAELoss):
     term :math:`\partial_\phi \log q`. The θ-gradient and the value are IWAE's. With K = 1 it
     is the STL estimator of the ELBO gradient. With global latents :math:`\beta` it is the
     estimator of the inner part, given :math:`\beta`; :math:`q(\beta)`'s parameters take the
-    pathwise gradient of L_K (:meth:`ParticleLoss._groups`)."""
+    pathwise gradient of L_K, with its log q unstopped."""
 
     stop_proposal_params = True
 

@@ -155,5 +155,23 @@ def outer_bound(particles, per_datum):
     return value
 
 
+def nested_outer_bound(values):
+    r"""The nested bound of M draws of the globals from their L_K values ``(M,)``:
+    :math:`\log \frac1M \sum_m \exp L_K(\beta_m)
+    = \log \frac1M \sum_m \frac{p(\beta_m)}{q(\beta_m)} \prod_i \hat p_K(x_i \mid \beta_m)` (full batch)."""
+    return log_mean_exp(values, 0)
+
+
+def refuse_subsampled_nested(global_particles, scale):
+    """Refuses the nested bound of ``global_particles`` > 1 draws of β on a subsampled batch (``scale`` != 1)."""
+    if global_particles > 1 and scale != 1.0:
+        raise ValueError(
+            f"global_particles={global_particles} gives the nested bound log mean_m p(β_m)/q(β_m) Π_i p̂(x_i | β_m), "
+            "which couples the whole data set: the product over every datum sits inside the log-mean-exp over β, "
+            f"so a minibatch (the data plate is subsampled, scale {scale:g}) has no unbiased estimate of it. Pass "
+            "the full batch, or use global_particles=1 (L_K)"
+        )
+
+
 def _sum_optional(a, b):
     return b if a is None else a if b is None else a + b

@@ -215,7 +215,8 @@ class ParticleSampler:
                 f"every latent of the model is global (outside the data plate '{data_plate}': "
                 f"{', '.join(repr(n) for n in globals_)}): they are drawn once per step, and the bound L_K is "
                 "the ELBO whatever the number of particles (particles only repeat the same draw); for a bound tighter "
-                "over them, nested_bound or iwae_bound(..., global_particles=M) draws M of them (full batch only)",
+                "over them, IWAELoss(global_particles=M) for training, nested_bound or iwae_bound(..., global_particles=M) "
+                "to score, draw M of them (full batch only)",
             )
 
     def global_names(self, args, kwargs, guide_args=None):
