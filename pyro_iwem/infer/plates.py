@@ -41,10 +41,12 @@ class GlobalLatents:
     data plate, not enumerated, of model or guide.
 
     Found from one unvectorised run (:meth:`from_traces`). A guide site outside the data plate
-    that stands for per-datum latents (an auxiliary site, such as a joint autoguide's one
-    vector, when the model has latents inside the data plate; or a guide site whose model site
-    is inside it) cannot be drawn once: it couples the batch, which is then one datum
-    (``coupling`` names it, and no site is global).
+    that stands for per-datum latents cannot be drawn once: it couples the batch, which is then
+    one datum (``coupling`` names it, and no site is global). Such a site is a guide site whose
+    model site is inside the data plate, or an auxiliary site of its own (a joint autoguide's one
+    vector, ``_AutoDiagonalNormal_latent``) when the model has latents inside the data plate; an
+    auxiliary site that belongs to one guide site (``AutoNormal``'s ``s_unconstrained`` of ``s``)
+    is global where that site is.
 
     :param str data_plate: the data plate's name (``None``: no data plate, nothing is global).
     :param bool has_locals: whether the model has a latent inside the data plate.
@@ -72,7 +74,9 @@ class GlobalLatents:
         for name, site in density_sites(guide_trace):
             if site["is_observed"] or in_plate(site, data_plate):
                 continue
-            if (is_auxiliary(site) and inside) or name in inside:
+            owner = name[: -len("_unconstrained")] if name.endswith("_unconstrained") else None
+            owned = owner is not None and owner in guide_trace.nodes and owner not in inside
+            if (is_auxiliary(site) and inside and not owned) or name in inside:
                 coupling.append(name)
         found = cls(data_plate, bool(inside), coupling)
         found.names = tuple(name for name, site in density_sites(model_trace) if found.is_global(site))
@@ -83,8 +87,6 @@ class GlobalLatents:
         if not self.active or site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             return False
         if site["infer"].get("_deterministic") or wants_enumeration(site) or site["infer"].get("_enumerate_dim") is not None:
-            return False
-        if is_auxiliary(site) and self.has_locals:
             return False
         return not in_plate(site, self.data_plate)
 
