@@ -142,9 +142,7 @@ def main(argv=None):
     batches = data.num_batches("train", args.batch_size)
     steps = args.epochs * batches
     # α grows from 0 to 1 over the first half of training (the paper: +0.01 per epoch)
-    every = max(1, steps // 200)
-    annealing = Annealing(increment=0.01, every=every)
-    config["anneal_increment"] = 0.01 * batches / every  # α's increase per epoch, as `pyro-iwem train` records it
+    annealing = Annealing.over(max(1, steps // 2))
     iwem = IWEM(model, guide, K=args.K, J=args.J, optim=pyro.optim.Adam({"lr": args.lr}), annealing=annealing)
 
     print(f"[2/3] training with IWEM (K={args.K}, J={args.J}) on {device}: {args.epochs} epochs of {batches} "
@@ -152,10 +150,8 @@ def main(argv=None):
     train_start = time.perf_counter()
     bar = tqdm(total=steps, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
     for epoch in range(args.epochs):
-        total = n = 0
         for x in data.batches("train", args.batch_size, epoch=epoch, seed=args.seed, device=device):
-            total += iwem.step(x)
-            n += len(x)
+            iwem.step(x)
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", bound=f"{iwem.bound:.2f}", alpha=f"{iwem.alpha:.2f}",
                             ess=f"{iwem.ess:.1f}", refresh=False)
@@ -174,14 +170,14 @@ def main(argv=None):
     print(f"trained {args.epochs} epochs in {train_seconds:.0f} s; evaluated in {eval_seconds:.0f} s")
     print(f"test log-likelihood (IWAE bound, K={args.eval_K}): {test_ll:.2f} nats")
 
-    save_run(args, config, root, networks, data, every, test_ll, train_seconds, eval_seconds, time.perf_counter() - start)
+    save_run(args, config, root, networks, data, annealing, test_ll, train_seconds, eval_seconds, time.perf_counter() - start)
     lock.release()
     print(f"saved the run in {args.out} ({time.perf_counter() - start:.0f} s in all); score it again with "
           f"`python -m pyro_iwem evaluate {args.out} --K 5000`")
     return test_ll
 
 
-def save_run(args, config, root, networks, data, every, test_ll, train_seconds, eval_seconds, wall_seconds):
+def save_run(args, config, root, networks, data, annealing, test_ll, train_seconds, eval_seconds, wall_seconds):
     """``best.pt`` and ``metrics.json`` in ``args.out``, as ``pyro-iwem train`` writes them: the
     networks are those of the package's ``mlp`` model (``MLPVAE``, the same layers in the same
     order), so that ``pyro-iwem evaluate`` rebuilds the model and reloads them."""
@@ -193,7 +189,9 @@ def save_run(args, config, root, networks, data, every, test_ll, train_seconds, 
     ours = [value.detach().cpu() for value in networks.state_dict().values()]
     assert [tuple(v.shape) for v in target.values()] == [tuple(v.shape) for v in ours], "not the mlp model's layers"
     state = dict(zip(target, ours))
-    note = f"examples/train_iwem.py: α +0.01 every {every} steps; the final parameters, no validation"
+    a = annealing
+    note = f"examples/train_iwem.py: α +{a.increment:.4g} every {a.every} steps; the final parameters, no validation"
+    config = dict(config, anneal_increment=a.increment * data.num_batches("train", args.batch_size) / a.every)  # per epoch
     metrics = {
         **config, "test_ll": test_ll, score_key(args.eval_K): test_ll, "best_valid_ll": None, "best_epoch": args.epochs,
         "epochs": args.epochs, "max_epochs": args.epochs, "eval_K": args.eval_K, "n_train": len(data.train),
