@@ -152,3 +152,9 @@ def test_a_diverging_training_is_one_line_and_exit_status_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "in epoch 1" in err and "nothing was saved (try a smaller --lr)" in err
+
+
+def test_curves_of_a_run_without_checkpoint_is_one_line(run, tmp_path, capsys):
+    (run / "checkpoint.pt").unlink()  # as examples/train_iwem.py saves a run: best.pt and metrics.json
+    line = one_error_line(capsys, main(["table", str(run), "--curves", str(tmp_path / "c.png")]))
+    assert f"{run} has no checkpoint.pt" in line

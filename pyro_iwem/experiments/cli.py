@@ -136,11 +136,16 @@ OUTPUT_OPTION = {"table": "--output", "figures": "--out", "train": "--out", "swe
 
 
 def _os_error_line(error, command):
-    """One line for an ``OSError`` that names a file: the directory that could not be written
-    (an atomic write's temporary file stands for its directory) and what to do."""
+    """One line for an ``OSError`` that names a file: for a file that could not be written, its
+    directory (an atomic write's temporary file stands for it) and what to do; else the file
+    and the system's reason."""
+    import errno
+
     from .checkpoint import unwritable
 
     path = pathlib.Path(error.filename)
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return f"{path}: {error.strerror or error}"
     if path.name.startswith(".") and path.name.endswith(".tmp"):
         path = path.parent
     return str(unwritable(path, error, OUTPUT_OPTION.get(command, "another path")))

@@ -188,7 +188,7 @@ def add_train_parser(subparsers):
     p.add_argument("--seed", type=nonneg_int, help="seed of initialisation, batches and sampling (default 1234)")
     for flag, kwargs in FORWARDED_OPTIONS:
         _add(p, flag, kwargs)
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; locked while the run uses it, so a second train on it stops at once")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (start fresh if none)")
     p.add_argument("--force", action="store_true", help="overwrite a run already in RUN_DIR")
 

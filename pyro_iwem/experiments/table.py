@@ -311,6 +311,8 @@ def save_curves_of_paths(paths, png):
     varying = _varying_settings([m for _, m in records])
     histories = {}
     for path, metrics in records:
+        if not (path.parent / CHECKPOINT).is_file():
+            raise RunError(f"{path.parent} has no {CHECKPOINT}, whose history --curves plots; leave it out of the paths")
         checkpoint = torch_load(path.parent / CHECKPOINT, map_location="cpu")
         histories.setdefault(_row_key(metrics, False, varying), []).append(checkpoint["history"])
     order = sorted(histories, key=_row_sort)
