@@ -46,7 +46,7 @@ def test_a_second_train_on_a_run_directory_in_use_fails_at_once_and_a_killed_one
     out = tmp_path / "run"
     holder = subprocess.Popen(  # another process in the middle of a run: it holds the lock
         [sys.executable, "-c", "import sys, time\nfrom pyro_iwem.experiments.checkpoint import RunDirLock\n"
-         f"RunDirLock({str(out)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(60)"],
+         f"lock = RunDirLock({str(out)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -158,3 +158,35 @@ def test_curves_of_a_run_without_checkpoint_is_one_line(run, tmp_path, capsys):
     (run / "checkpoint.pt").unlink()  # as examples/train_iwem.py saves a run: best.pt and metrics.json
     line = one_error_line(capsys, main(["table", str(run), "--curves", str(tmp_path / "c.png")]))
     assert f"{run} has no checkpoint.pt" in line
+
+
+def test_a_prepared_trainer_that_is_dropped_lets_the_directory_go(tmp_path):
+    import gc
+
+    from pyro_iwem.experiments.checkpoint import RunDirLock
+    from pyro_iwem.experiments.options import TrainConfig
+    from pyro_iwem.experiments.train import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    Trainer(TrainConfig.from_argv(["train", *TINY, "--epochs", "1", "--out", str(out)])).prepare()
+    gc.collect()
+    RunDirLock(out).acquire().release()
+
+
+def test_two_trains_on_one_directory_the_second_stops_and_the_first_finishes(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "pyro_iwem", "train", *TINY, "--epochs", "3", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / ".lock").is_file() and f"pid {first.pid} " in (out / ".lock").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        line = one_error_line(capsys, main(["train", *TINY, "--epochs", "1", "--force", "--out", str(out)]))
+        assert f"is in use by another run (pid {first.pid} on" in line
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 3  # the first run's, whole

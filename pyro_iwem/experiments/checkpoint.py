@@ -181,6 +181,9 @@ class RunDirLock:
             os.close(self.fd)
             self.fd = None
 
+    def __del__(self):  # a Trainer prepared and dropped without running lets the directory go
+        self.release()
+
     def __enter__(self):
         return self.acquire()
 
