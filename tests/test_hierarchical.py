@@ -518,3 +518,35 @@ def test_autonormal_on_a_model_with_a_constrained_global_and_locals_is_per_datum
         iwem.step(x)
     assert not [str(w.message) for w in caught if "couples" in str(w.message)]
     assert iwem.sampler.global_latents.names == ("s",) and 1.0 <= iwem.ess <= 8.0 and math.isfinite(iwem.bound)
+
+
+def test_imputer_chunks_share_one_draw_of_the_globals():
+    """Imputer.mean in chunks on a model with a global: every chunk is drawn given the first chunk's β
+    (its guide draws μ once per call), so chunked and one-pass means agree at the same β."""
+    from pyro_iwem.infer import Imputer
+
+    x = data(12)
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[::3] = False
+
+    def masked_model(x, mask):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(mu, TAU))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x, obs_mask=mask)
+
+    def masked_guide(x, mask):
+        pyro.sample("mu", dist.Normal(torch.tensor(0.4, dtype=F64), 0.2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x * mask, 0.7))
+
+    imputer = Imputer(masked_model, masked_guide)
+    pyro.set_rng_seed(18)
+    _, _, _, _, _, (_, replay) = imputer._draw(4, (x, mask), {})
+    assert replay and "mu" in replay[0].trace.nodes
+    mu = replay[0].trace.nodes["mu"]["value"]
+    for _ in range(3):  # later chunks replay it
+        log_w, *_, (_, again) = imputer._draw(4, (x, mask), {}, (None, replay))
+        assert again is replay
+    filled = imputer.mean(x, mask, num_particles=40, chunk_size=7)
+    assert torch.isfinite(filled).all() and torch.equal(filled[mask], x[mask]) and mu.shape == ()

@@ -19,6 +19,7 @@ import torch
 
 from .missing import ZeroFilledInputs
 from .sampler import ParticleSampler
+from .transforms import ReplayGlobals
 
 
 class Imputer:
@@ -40,11 +41,14 @@ class Imputer:
         self.inputs = ZeroFilledInputs() if guide_inputs is None else guide_inputs
         self.sampler = ParticleSampler(model, guide, guide_inputs=self.inputs, **plates)
 
-    def _draw(self, num_particles, args, kwargs, subsample=None):
-        """``(log_w (N, B), E[x | z_k] (N, B, -1), x_m draws (N, B, -1), x, mask, subsample)`` of one
-        pass; ``subsample`` fixes the minibatch of a subsampled data plate to an earlier pass's."""
+    def _draw(self, num_particles, args, kwargs, earlier=None):
+        """``(log_w (N, B), E[x | z_k] (N, B, -1), x_m draws (N, B, -1), x, mask, earlier)`` of one
+        pass; ``earlier`` (what an earlier pass returned) fixes the minibatch of a subsampled data
+        plate and the global latents to that pass's, so that the chunks of one call weight every
+        datum given one draw of β."""
         x, mask, _ = self.inputs.zero_filled(args, kwargs)
-        particles = self.sampler(num_particles, args, kwargs, grad_guide=False, subsample=subsample)
+        subsample, replay = (None, ()) if earlier is None else earlier
+        particles = self.sampler(num_particles, args, kwargs, grad_guide=False, subsample=subsample, transforms=replay)
         node = particles.model_trace.nodes.get(self.site)
         if node is None:
             raise ValueError(
@@ -56,7 +60,9 @@ class Imputer:
         full = (num_particles,) + x.shape
         mean = torch.broadcast_to(node["fn"].mean, full).reshape(shape)
         draws = torch.broadcast_to(node["value"], full).reshape(shape)
-        return log_w, mean, draws, x, mask, particles.subsample
+        if not replay and particles.global_sites:
+            replay = (ReplayGlobals(particles),)
+        return log_w, mean, draws, x, mask, (particles.subsample, replay)
 
     @torch.no_grad()
     def mean(self, *args, num_particles=1000, chunk_size=500, **kwargs):
