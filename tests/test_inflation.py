@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 from pyro_iwem import IWEM, OptimalProposalLoss, iwae_bound
 from pyro_iwem.infer import ParticleSampler, ProposalInflation, inflate, optimal_proposal_objective
-from pyro_iwem.infer.losses import proposal_loss
+from pyro_iwem.infer.proposal import proposal_loss
 from pyro_iwem.infer.util import ModelError
 from tests.gaussian_models import PPCA
 

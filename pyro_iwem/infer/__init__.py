@@ -19,7 +19,7 @@ from .evaluation import NestedBound, iwae_bound, nested_bound
 from .imputation import Imputer
 from .inflation import ProposalInflation, inflate
 from .iwem import IWEM, IWAEasEM, OnePassIWEM
-from .losses import DReGLoss, IWAELoss, OptimalProposalLoss, ParticleLoss, STLLoss, VAELoss
+from .losses import DReGLoss, IWAELoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
 from .methods import METHODS, MISSING_DATA_INPUTS, build_method
 from .missing import ImputedInputs, ZeroFilledInputs
@@ -33,6 +33,7 @@ from .objectives import (
     snis_objective,
 )
 from .particles import Particles
+from .proposal import OptimalProposalLoss
 from .sampler import ParticleSampler
 from .sites import SiteRole
 from .transforms import (

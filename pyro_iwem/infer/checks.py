@@ -99,3 +99,35 @@ def check_log_weights(log_w):
             f"all {log_w.shape[0]} importance log weights are -inf for datum {index}: the guide only "
             "proposes values where the model has zero density"
         )
+
+
+def refuse_or_warn_coupled(coupled, data_plate, joint_guide_sites, explicit_data_plate, warned):
+    """Sites that couple the data of the data plate, so that the batch is weighted as one datum:
+    refused when the user named the data plate, else warned about once each, with why."""
+    def why(name):
+        if name in joint_guide_sites:
+            return (
+                "a guide site outside the data plate standing for per-datum latents, such as a joint autoguide's "
+                "one vector for the whole batch (AutoDiagonalNormal, AutoMultivariateNormal, ...); for per-datum "
+                "weights use AutoNormal or an amortised guide, which sample them inside the data plate"
+            )
+        return (
+            "a latent in a plate the data do not fill, or an enumerated site outside the data plate whose sum "
+            "runs over every datum; a global latent (outside the data plate, not enumerated) is drawn once and "
+            "does not couple"
+        )
+
+    if coupled and explicit_data_plate:
+        raise ModelError(
+            f"site '{coupled[0]}' couples the data of the data plate '{data_plate}' ({why(coupled[0])}): "
+            "per-datum importance weights need it inside the plate (pass data_plate=None to treat the batch "
+            "as one datum)"
+        )
+    for name in coupled:
+        warn_once(
+            warned,
+            ("outside", name),
+            f"latent site '{name}' couples the data of the data plate '{data_plate}' ({why(name)}): "
+            "the minibatch is weighted as one datum, with one importance weight per particle and an ESS out "
+            "of K for the whole batch",
+        )

@@ -4,7 +4,8 @@ anything is written to ``.grad``: a refused step moves no parameter.
 * :func:`gradients` -- ``{param: ∂loss/∂param}`` of one loss, refused if not finite;
 * :func:`shared_draw_gradients` -- θ's gradient of one loss and φ's of another on one draw,
   with one backward pass through the model (IWEM's one-pass step);
-* :func:`accumulate_grads`, :func:`gradient_step` -- writing them and stepping an optimiser.
+* :func:`accumulate_grads`, :func:`gradient_step` -- writing them and stepping an optimiser;
+* :class:`Snapshot` -- parameters and their optimiser state, to undo a step.
 """
 
 import dataclasses
@@ -122,3 +123,30 @@ def gradient_step(loss, params, optim):
     optim(params)
     for p in params:
         p.grad = None
+
+
+class Snapshot:
+    """Parameters' values and their optimiser state (one torch optimiser per parameter, as
+    :class:`pyro.optim.PyroOptim` keeps them), to undo an M-step whose P-step refused."""
+
+    def __init__(self, params, optim):
+        self.optim = optim
+        self.values = {p: p.detach().clone() for p in params}
+        self.states = {p: _clone_state(self._optimizer(p).state.get(p, {})) for p in params if self._optimizer(p)}
+
+    def _optimizer(self, p):
+        found = self.optim.optim_objs.get(p)
+        return getattr(found, "optimizer", found)  # an LR scheduler wraps its optimiser
+
+    def restore(self):
+        with torch.no_grad():
+            for p, value in self.values.items():
+                p.copy_(value)
+        for p in self.values:
+            optimizer = self._optimizer(p)
+            if optimizer is not None:
+                optimizer.state[p] = self.states.get(p, {})
+
+
+def _clone_state(state):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}

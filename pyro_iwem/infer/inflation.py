@@ -37,6 +37,13 @@ def is_variance_factor(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
+def check_inflation(name, value):
+    """``value`` as a float variance factor: positive and finite."""
+    if not is_variance_factor(value):
+        raise ValueError(f"{name} must be a positive finite number (a variance factor), got {value!r}")
+    return float(value)
+
+
 def inflate(fn, factor):
     r"""``fn`` with its covariance multiplied by ``factor``: :math:`\Sigma \mapsto c\,\Sigma`.
 

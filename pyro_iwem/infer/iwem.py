@@ -5,10 +5,11 @@ import torch
 
 from .annealing import Annealing, NoAnnealing
 from .collective import collective_step
-from .inflation import is_variance_factor
-from .grads import accumulate_grads, gradient_step, shared_draw_gradients
-from .losses import check_num_particles, proposal_loss
+from .grads import Snapshot, accumulate_grads, gradient_step, shared_draw_gradients
+from .inflation import check_inflation
+from .losses import check_num_particles
 from .objectives import effective_sample_size, log_mean_exp, outer_bound, snis_objective
+from .proposal import proposal_loss
 from .transforms import CutLatents, DetachModelProposals
 from .util import ModelError, warn_once
 
@@ -23,42 +24,10 @@ class _PaperAnnealing:
 _PAPER_ANNEALING = _PaperAnnealing()
 
 
-def check_inflation(name, value):
-    """``value`` as a float variance factor: positive and finite."""
-    if not is_variance_factor(value):
-        raise ValueError(f"{name} must be a positive finite number (a variance factor), got {value!r}")
-    return float(value)
-
-
-class _Snapshot:
-    """Parameters' values and their optimiser state (one torch optimiser per parameter, as
-    :class:`pyro.optim.PyroOptim` keeps them), to undo an M-step whose P-step refused."""
-
-    def __init__(self, params, optim):
-        self.optim = optim
-        self.values = {p: p.detach().clone() for p in params}
-        self.states = {p: _clone_state(self._optimizer(p).state.get(p, {})) for p in params if self._optimizer(p)}
-
-    def _optimizer(self, p):
-        found = self.optim.optim_objs.get(p)
-        return getattr(found, "optimizer", found)  # an LR scheduler wraps its optimiser
-
-    def restore(self):
-        with torch.no_grad():
-            for p, value in self.values.items():
-                p.copy_(value)
-        for p in self.values:
-            optimizer = self._optimizer(p)
-            if optimizer is not None:
-                optimizer.state[p] = self.states.get(p, {})
-
-
-def _clone_state(state):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
 class IWEM:
-    r"""Importance weighted EM: an E-step, an M-step on θ and a P-step on φ per :meth:`step`.
+    r"""IWEM(model, guide, K=50, J=50, L=1, optim=None, annealing=Annealing(), proposal="optimal", max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True, one_pass=False, proposal_inflation=1.0, p_step_inflation=None, log_p_offset=0.0)
+
+    Importance weighted EM: an E-step, an M-step on θ and a P-step on φ per :meth:`step`.
 
     For a minibatch :math:`x_1..x_B`, one :meth:`step` does
 
@@ -116,7 +85,9 @@ class IWEM:
         .. math::
             \hat Q_\alpha(\theta) = \alpha \sum_{k=1}^K \bar w_k \log p(x, z_k; \theta)
                 + (1 - \alpha) \frac1L \sum_{l=1}^L \log p(x, z_l; \theta),
-            \quad z_k \sim q_c,\ \bar w_k \propto \frac{p(x, z_k; \theta_t)}{q_c(z_k \mid x)},
+
+        .. math::
+            z_k \sim q_c,\quad \bar w_k \propto \frac{p(x, z_k; \theta_t)}{q_c(z_k \mid x)},
             \quad z_l \sim q :
 
         the L ELBO samples are drawn from the un-inflated guide, in the same vectorised pass
@@ -256,7 +227,7 @@ class IWEM:
         particles, loss = self._e_step(self.alpha, args, kwargs, guide_args)
         theta = particles.param_groups().theta
         self._warn_if_empty(theta=theta)
-        before = _Snapshot(theta, self.optim)
+        before = Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
         self._record_e_step(particles, self.K)
         return loss.item(), theta, particles.subsample, before

@@ -243,3 +243,7 @@ class PerDatum:
             out[total] = t if total not in out else out[total] + t
         return {k: v.expand(shape) for k, v in out.items()}
 
+
+def global_sites(trace, global_latents):
+    """``(name, site)`` of the global latents of ``trace`` (drawn once per call)."""
+    return ((name, site) for name, site in density_sites(trace) if global_latents.is_global(site))

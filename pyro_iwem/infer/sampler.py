@@ -13,93 +13,28 @@ are a few lines on the result, :class:`~pyro_iwem.infer.particles.Particles`.
 """
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import is_validation_enabled, site_is_subsample
+from pyro.poutine.util import is_validation_enabled
 
 from .checks import (
-    check_batch_dims_declared, check_finite_inputs, check_log_weights, check_observed, check_replayed_shape,
-    warn_guide_enumeration, with_vectorize_hint,
+    check_log_weights, check_observed, refuse_or_warn_coupled, warn_guide_enumeration, with_vectorize_hint,
 )
 from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
 from .inflation import ProposalInflation, per_particle
 from .params import ParamSplitter
 from .particles import Particles
 from .plates import (
-    PARTICLE_PLATE, GlobalLatents, PerDatum, data_frame, data_scale, find_data_plate, in_plate, plate_dims,
+    PARTICLE_PLATE, GlobalLatents, PerDatum, data_frame, data_scale, find_data_plate, global_sites, in_plate,
     subsample_trace, vectorize,
 )
+from .programs import ProposeFromModel, max_plate_nesting_of, probe, run_guide
 from .sites import (
-    TOTALS, SCORE_TOTALS, SiteRole, base_distribution, classify, density_sites, is_pathwise, model_leaves,
-    param_values, site_log_prob, structure,
+    TOTALS, SCORE_TOTALS, SiteRole, classify, density_sites, is_pathwise, model_leaves, param_values, site_log_prob,
+    structure,
 )
 from .util import ModelError, warn_once
-
-
-class _ProposeFromModel(Messenger):
-    """Model latents the guide does not sample are proposed from the model's own conditional:
-    checks that they can be drawn and, with ``detach``, draws them without a gradient path to
-    the parameters (a detached proposal, as the E-step's must be: otherwise a reparameterised
-    draw such as a Gaussian's missing entry feeds ∂x_m/∂θ into the M-step)."""
-
-    def __init__(self, guide_trace, detach):
-        super().__init__()
-        self.guide_trace = guide_trace
-        self.detach = detach
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or site_is_subsample(msg):
-            return
-        if msg["name"] in self.guide_trace.nodes:
-            check_replayed_shape(msg["name"], msg)  # before the model computes with the value
-            return
-        if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
-            return
-        if isinstance(base_distribution(msg["fn"]), (dist.ImproperUniform, dist.Unit)):
-            raise ModelError(
-                f"model site '{msg['name']}' is a latent variable that the guide does not sample, "
-                f"and its distribution ({type(base_distribution(msg['fn'])).__name__}) cannot be "
-                "sampled to propose it from the model: add the site to the guide"
-            )
-        if self.detach and msg["value"] is None:
-            msg["value"] = msg["fn"].sample()
-
-
-def run_guide(guide, args, kwargs):
-    """Traces the guide; an error on data holding NaN or Inf is reported as such."""
-    try:
-        return poutine.trace(guide).get_trace(*args, **kwargs)
-    except (ValueError, RuntimeError) as error:
-        check_finite_inputs(args, kwargs, error)
-        raise
-
-
-def probe(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
-    """``(guide_trace, model_trace)`` of one unvectorised run of the guide and the replayed
-    model, without gradients, in a forked RNG stream (probing draws no random numbers of the caller's)."""
-    guide_args = args if guide_args is None else guide_args
-    guide_kwargs = kwargs if guide_kwargs is None else guide_kwargs
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng():
-        guide_trace = run_guide(guide, guide_args, guide_kwargs)
-        model = _ProposeFromModel(guide_trace, detach=True)(poutine.replay(model, trace=guide_trace))
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-    return guide_trace, model_trace
-
-
-def max_plate_nesting_of(guide_trace, model_trace):
-    """The deepest plate nesting of the density sites of the traces (each checked to declare its batch dims)."""
-    for trace in (guide_trace, model_trace):
-        for name, site in density_sites(trace):
-            check_batch_dims_declared(name, site)
-    return max(plate_dims(guide_trace, model_trace), default=0)
-
-
-def guess_max_plate_nesting(model, guide, args, kwargs, guide_args=None, guide_kwargs=None):
-    """The deepest plate nesting of one unvectorised run of the guide and the replayed model (:func:`probe`)."""
-    return max_plate_nesting_of(*probe(model, guide, args, kwargs, guide_args, guide_kwargs))
 
 
 class ParticleSampler:
@@ -255,7 +190,7 @@ class ParticleSampler:
         for transform in draw.transforms:
             replay_trace = transform.replay_trace(replay_trace)
         detach = draw.detach_model_proposals or not draw.grad_proposal
-        replayed = _ProposeFromModel(guide_trace, detach=detach)(poutine.replay(inner, trace=replay_trace))
+        replayed = ProposeFromModel(guide_trace, detach=detach)(poutine.replay(inner, trace=replay_trace))
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
         if self._enumerates is None:  # the first run learns whether the model asks for enumeration
             self._enumerates = annotations.found
@@ -364,37 +299,11 @@ class ParticleSampler:
             raise ModelError("the model has no sample site: there is nothing to weight")
         coupled = outside + terms.shared_latents()
         coupling = self.global_latents.coupling  # when a guide site couples, the model's latents outside follow it
-        self._refuse_or_warn_coupled([n for n in coupled if n in coupling] if coupling else coupled, data_plate)
-        return terms, dict(coupled=bool(coupled), frame=frame, model_proposed=tuple(model_proposed))
-
-    def _refuse_or_warn_coupled(self, coupled, data_plate):
-        if coupled and self._explicit_data_plate:
-            raise ModelError(
-                f"site '{coupled[0]}' couples the data of the data plate '{data_plate}' ({self._why_coupled(coupled[0])}): "
-                "per-datum importance weights need it inside the plate (pass data_plate=None to treat the batch "
-                "as one datum)"
-            )
-        for name in coupled:
-            warn_once(
-                self.warned,
-                ("outside", name),
-                f"latent site '{name}' couples the data of the data plate '{data_plate}' ({self._why_coupled(name)}): "
-                "the minibatch is weighted as one datum, with one importance weight per particle and an ESS out "
-                "of K for the whole batch",
-            )
-
-    def _why_coupled(self, name):
-        if name in self.global_latents.coupling:
-            return (
-                "a guide site outside the data plate standing for per-datum latents, such as a joint autoguide's "
-                "one vector for the whole batch (AutoDiagonalNormal, AutoMultivariateNormal, ...); for per-datum "
-                "weights use AutoNormal or an amortised guide, which sample them inside the data plate"
-            )
-        return (
-            "a latent in a plate the data do not fill, or an enumerated site outside the data plate whose sum "
-            "runs over every datum; a global latent (outside the data plate, not enumerated) is drawn once and "
-            "does not couple"
+        refuse_or_warn_coupled(
+            [n for n in coupled if n in coupling] if coupling else coupled, data_plate, coupling,
+            self._explicit_data_plate, self.warned,
         )
+        return terms, dict(coupled=bool(coupled), frame=frame, model_proposed=tuple(model_proposed))
 
     def _add_enumerated(self, terms, model_trace, enumerated, frame, outside):
         scales = {float(site["scale"]) for site, _ in enumerated}
@@ -461,11 +370,6 @@ class ParticleSampler:
             global_model_latents=global_model_latents,
             **global_totals,
         )
-
-
-def global_sites(trace, global_latents):
-    """``(name, site)`` of the global latents of ``trace`` (drawn once per call)."""
-    return ((name, site) for name, site in density_sites(trace) if global_latents.is_global(site))
 
 
 class _Draw:
