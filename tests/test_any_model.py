@@ -744,6 +744,18 @@ def test_a_nan_log_density_at_the_first_step_changes_nothing(model, method, vali
     assert optim.get_state() == {}  # no optimiser state was created either
 
 
+@pytest.mark.parametrize("model, site, param", [(nan_scale_model, "x", "scale"), (nan_factor_model, "bad", "log_factor")])
+def test_a_nan_log_weight_names_its_datum_and_site(model, site, param):
+    """The refusal says which datum and particle, which site's log density is NaN, and which of
+    its distribution's parameters holds the NaN (issue 21, item 5)."""
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=T)
+    with pyro.validation_enabled(False):
+        model(x), linear_guide(x)
+        expected = rf"datum 0 \(particle 0\): model site '{site}' has a NaN log density \(its distribution's {param} holds NaN"
+        with pytest.raises(ModelError, match=expected):
+            IWEM(model, linear_guide, K=4, J=4, annealing=None).step(x)
+
+
 def test_a_nan_p_step_gradient_changes_nothing():
     """The E-step draws without a graph, so a guide whose φ-gradient is infinite (d√a/da at a = 0)
     passes the M-step; the P-step refuses it. All or nothing: θ must not have moved either."""

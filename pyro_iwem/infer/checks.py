@@ -6,7 +6,7 @@ import math
 import torch
 
 from .enumeration import wants_enumeration
-from .sites import is_auxiliary
+from .sites import base_distribution, density_sites, is_auxiliary
 from .util import ModelError, warn_once
 
 VECTORIZE_HINT = (
@@ -88,10 +88,15 @@ def check_observed(name, site):
         )
 
 
-def check_log_weights(log_w):
-    """Importance log weights ``(N, B)``: none NaN, and some particle of every datum possible."""
-    if torch.isnan(log_w).any():
-        raise ModelError("NaN importance log weight: a model or guide log density is NaN")
+def check_log_weights(log_w, traces=()):
+    """Importance log weights ``(N, B)``: none NaN, and some particle of every datum possible.
+
+    A NaN names its datum and particle and, looked up only then, the first site of ``traces``
+    (``(program, trace)`` pairs: "model", "guide") whose log density is NaN."""
+    nan = torch.isnan(log_w)
+    if nan.any():
+        particle, datum = (int(i) for i in nan.nonzero()[0])
+        raise ModelError(f"NaN importance log weight for datum {datum} (particle {particle}): {_nan_site(traces)}")
     dead = (log_w == -math.inf).all(0)
     if dead.any():
         index = dead.nonzero()[0].item()
@@ -131,3 +136,20 @@ def refuse_or_warn_coupled(coupled, data_plate, joint_guide_sites, explicit_data
             "the minibatch is weighted as one datum, with one importance weight per particle and an ESS out "
             "of K for the whole batch",
         )
+
+
+def _nan_site(traces):
+    """Which site of ``traces`` has a NaN log density, in words (its parameters too, if NaN)."""
+    for program, trace in traces:
+        for name, site in density_sites(trace):
+            with torch.no_grad():
+                try:
+                    log_prob = site["fn"].log_prob(site["value"])
+                except (ValueError, RuntimeError):
+                    continue
+            if torch.isnan(log_prob).any():
+                params = [k for k, v in vars(base_distribution(site["fn"])).items()
+                          if isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isnan(v).any()]  # fmt: skip
+                what = f" (its distribution's {', '.join(params)} holds NaN: has training diverged?)" if params else ""
+                return f"{program} site '{name}' has a NaN log density{what}"
+    return "a model or guide log density is NaN"

@@ -132,7 +132,7 @@ class ParticleSampler:
                     raise NotImplementedError(f"{refused[0]} needs vectorize_particles=True")
                 particles = self._draw_loop(num_particles, inputs, subsample, draw)
         self._validated = True
-        check_log_weights(particles.log_w)
+        check_log_weights(particles.log_w, (("model", particles.model_trace), ("guide", particles.guide_trace)))
         return particles
 
     def _probe(self, args, kwargs, guide_args, guide_kwargs):
