@@ -59,3 +59,31 @@ def test_a_small_budget_cuts_the_chunks_and_keeps_their_peak_under_it():
     score = mean_log_likelihood(vae, data, "test", 300, batch_size=4, memory_budget=budget)
     exact_enough = mean_log_likelihood(vae, data, "test", 300, batch_size=4)
     assert abs(score - exact_enough) < 0.5  # the same bound, other draws
+
+
+def test_particles_drawn_one_at_a_time_probe_the_budget_with_one():
+    """With vectorize_particles=False a chunk's particles are all held until they are stacked, so
+    the probe that sizes the chunks draws one particle, not 16 (issue 21, item 5): no chunk, the
+    probe included, goes over the budget."""
+    vae, data = _model(), Batches()
+    x = data.x[:4]
+    sampler = ParticleSampler(vae.model, vae.guide, max_plate_nesting=1, vectorize_particles=False)
+    with torch.no_grad():
+        per_particle = peak_memory(lambda: sampler(8, (x,), {}, grad_guide=False))[0] / 8
+    budget = int(per_particle * 3)
+    drawn = []
+    call = sampler.__call__
+
+    class Counting:
+        vectorize_particles = False
+
+        def __call__(self, n, *args, **kwargs):
+            drawn.append(n)
+            return call(n, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
+    bound = iwae_bound(vae.model, vae.guide, x, num_particles=20, memory_budget=budget, sampler=Counting())
+    assert drawn[0] == 1 and max(drawn) <= 4 and sum(drawn) == 20, drawn
+    assert torch.isfinite(bound).all()

@@ -59,7 +59,8 @@ def iwae_bound(
     minibatch's. Enumerated model sites are summed out; a non-reparameterised guide is fine.
 
     :param int chunk_size: particles per chunk; ``None`` (default) chooses it from
-        ``memory_budget``: the first chunk, of ``PROBE_PARTICLES`` (16) particles, is measured
+        ``memory_budget``: the first chunk, of ``PROBE_PARTICLES`` (16) particles (one when they
+        are drawn one at a time), is measured
         (``peak_memory``: the allocator's peak on CUDA, the peak of live tensor bytes on the
         CPU) and the others hold as many particles as the budget allows (on the CPU at most
         512, beyond which chunks only run slower).
@@ -149,9 +150,11 @@ def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memor
     sum_w2 = None  # for the ESS: log sum_k w_ik^2
     replay = ()  # the first chunk's globals, replayed in the others: one draw of β
     remaining = num_particles
+    # drawn one at a time, particles of a chunk are held until they are stacked: probe with one
+    probe = PROBE_PARTICLES if sampler.vectorize_particles else 1
     while remaining > 0:
-        if chunk_size is None and total is None and remaining > PROBE_PARTICLES:
-            n = PROBE_PARTICLES
+        if chunk_size is None and total is None and remaining > probe:
+            n = probe
             chunk_size, particles = budget_chunk(
                 lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, device_of(args)
             )
