@@ -756,6 +756,38 @@ def test_a_nan_log_weight_names_its_datum_and_site(model, site, param):
             IWEM(model, linear_guide, K=4, J=4, annealing=None).step(x)
 
 
+def test_a_diverged_fit_is_named_not_a_distribution_argument_error():
+    """A parameter that diverged to NaN fails the guide's distribution checks (torch's "Expected
+    parameter scale ..."); the refusal names the parameter and the divergence (issue 21, item 5)."""
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=T)
+    nan_scale_model(x)
+    pyro.param("s", torch.tensor(1.2, dtype=T), constraint=constraints.positive)
+    pyro.get_param_store()["s"] = torch.tensor(math.nan, dtype=T)
+    with pyro.validation_enabled(True), pytest.raises(ModelError, match=r"parameters 'sigma', 's' hold NaN or Inf values: the fit has diverged"):
+        IWEM(nan_scale_model, linear_guide, K=4, J=4, annealing=None).step(x)
+
+
+def test_a_guide_of_the_wrong_shape_in_a_vectorised_draw_mentions_one_particle_models():
+    """The shape error of a vectorised draw also says what to do if the model is written for one
+    particle (Pyro's amortised LDA meets this one; issue 21, item 5)."""
+
+    def model(x):  # written for one particle: h.view(n, -1) folds the particles into the event
+        n = x.shape[0]
+        with pyro.plate("data", n):
+            h = pyro.sample("h", dist.Normal(torch.zeros(2, dtype=T), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(h.view(n, -1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Normal(torch.zeros(2, dtype=T), 1.0).to_event(1))
+            pyro.sample("z", dist.Normal(torch.zeros(2, dtype=T), 1.0).to_event(1))
+
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=T)
+    with pytest.raises(ModelError, match=r"(?s)make the guide sample the site with the model's shape.*vectorize_particles=False"):
+        iwae_bound(model, guide, x, num_particles=4)
+
+
 def test_a_nan_p_step_gradient_changes_nothing():
     """The E-step draws without a graph, so a guide whose φ-gradient is infinite (d√a/da at a = 0)
     passes the M-step; the P-step refuses it. All or nothing: θ must not have moved either."""

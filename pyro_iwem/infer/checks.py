@@ -3,6 +3,7 @@
 
 import math
 
+import pyro
 import torch
 
 from .enumeration import wants_enumeration
@@ -48,6 +49,24 @@ def warn_guide_enumeration(name, site, warned):
         )
 
 
+class ShapeMismatch(ModelError):
+    """A guide's value whose shape is not the one the model's distribution gives the site."""
+
+
+def check_finite_params(error):
+    """Re-raises ``error`` (from running the programs) as a :class:`ModelError` naming the
+    parameters of Pyro's param store that hold NaN or Inf (a diverged fit: the distributions'
+    argument checks are what fails then); returns if every parameter is finite."""
+    store = pyro.get_param_store()
+    bad = [name for name in store.keys() if not torch.isfinite(store.get_param(name).detach()).all()]
+    if bad:
+        raise ModelError(
+            f"parameter{'s' if len(bad) > 1 else ''} {', '.join(repr(n) for n in bad[:5])}"
+            f"{' and more' if len(bad) > 5 else ''} hold{'' if len(bad) > 1 else 's'} NaN or Inf values: the fit "
+            f"has diverged (try a smaller learning rate), and the programs fail on them ({error})"
+        ) from error
+
+
 def check_replayed_shape(name, site):
     """A latent replayed from the guide must have the shape the model's distribution gives it."""
     value, fn = site["value"], site["fn"]
@@ -59,7 +78,7 @@ def check_replayed_shape(name, site):
     except RuntimeError:
         broadcast = None
     if broadcast != tuple(value.shape) or tuple(value.shape[value.dim() - len(event) :]) != event:
-        raise ModelError(
+        raise ShapeMismatch(
             f"site '{name}': the guide's value has shape {tuple(value.shape)}, but the model's distribution "
             f"has batch shape {tuple(fn.batch_shape)} and event shape {event}; make the guide sample "
             "the site with the model's shape"

@@ -12,7 +12,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .checks import check_batch_dims_declared, check_finite_inputs, check_replayed_shape
+from .checks import check_batch_dims_declared, check_finite_inputs, check_finite_params, check_replayed_shape
 from .plates import plate_dims
 from .sites import base_distribution, density_sites
 from .util import ModelError
@@ -48,11 +48,12 @@ class ProposeFromModel(Messenger):
 
 
 def run_guide(guide, args, kwargs):
-    """Traces the guide; an error on data holding NaN or Inf is reported as such."""
+    """Traces the guide; an error on data or parameters holding NaN or Inf is reported as such."""
     try:
         return poutine.trace(guide).get_trace(*args, **kwargs)
     except (ValueError, RuntimeError) as error:
         check_finite_inputs(args, kwargs, error)
+        check_finite_params(error)
         raise
 
 

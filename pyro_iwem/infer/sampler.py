@@ -19,7 +19,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import is_validation_enabled
 
 from .checks import (
-    check_log_weights, check_observed, refuse_or_warn_coupled, warn_guide_enumeration, with_vectorize_hint,
+    ShapeMismatch, check_finite_params, check_log_weights, check_observed, refuse_or_warn_coupled,
+    warn_guide_enumeration, with_vectorize_hint,
 )
 from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
 from .inflation import ProposalInflation, per_particle
@@ -211,9 +212,12 @@ class ParticleSampler:
         try:
             guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1)
             terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, draw)
+        except ShapeMismatch as error:  # a model written for one particle looks like a guide of the wrong shape
+            raise with_vectorize_hint(error)
         except ModelError:
             raise
         except (ValueError, RuntimeError, IndexError) as error:
+            check_finite_params(error)
             raise with_vectorize_hint(error)
         subsample = subsample if subsample is not None else subsample_trace(guide_trace, model_trace)
         return self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, draw)
