@@ -788,6 +788,30 @@ def test_a_guide_of_the_wrong_shape_in_a_vectorised_draw_mentions_one_particle_m
         iwae_bound(model, guide, x, num_particles=4)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_plate_in_the_guide_and_not_the_model_is_refused_by_name(sequential):
+    """Pyro's catalogue pattern iplate_in_guide_not_model (and its vectorised twin): refused,
+    naming the plate, before any parameter moves (issue 21, item 5)."""
+
+    def model():
+        pyro.sample("x", dist.Bernoulli(torch.tensor(0.5, dtype=T)))
+
+    def guide():
+        q = pyro.param("q", torch.tensor(0.4, dtype=T), constraint=constraints.unit_interval)
+        if sequential:
+            for _ in pyro.plate("plate", 10, 5):
+                pass
+        else:
+            with pyro.plate("plate", 10, 5):
+                pass
+        pyro.sample("x", dist.Bernoulli(q))
+
+    optim = pyro.optim.Adam({"lr": 0.1})
+    with pytest.raises(ModelError, match="the guide has the plate 'plate', which the model does not"):
+        SVI(model, guide, optim, IWAELoss(4)).step()
+    assert optim.get_state() == {}
+
+
 def test_a_nan_p_step_gradient_changes_nothing():
     """The E-step draws without a graph, so a guide whose φ-gradient is infinite (d√a/da at a = 0)
     passes the M-step; the P-step refuses it. All or nothing: θ must not have moved either."""

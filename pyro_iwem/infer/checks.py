@@ -5,6 +5,7 @@ import math
 
 import pyro
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from .enumeration import wants_enumeration
 from .sites import base_distribution, density_sites, is_auxiliary
@@ -65,6 +66,20 @@ def check_finite_params(error):
             f"{' and more' if len(bad) > 5 else ''} hold{'' if len(bad) > 1 else 's'} NaN or Inf values: the fit "
             f"has diverged (try a smaller learning rate), and the programs fail on them ({error})"
         ) from error
+
+
+def check_guide_plates(model_trace, guide_trace):
+    """Every plate of the guide must be a plate of the model (as Pyro's ELBOs require): a plate
+    only the guide has would scale or index guide sites the model sees unscaled."""
+    def plates(trace):  # a vectorised draw's particle plate is in both
+        return {name for name, site in trace.nodes.items() if site["type"] == "sample" and site_is_subsample(site)}
+
+    missing = sorted(plates(guide_trace) - plates(model_trace))
+    if missing:
+        raise ModelError(
+            f"the guide has the plate '{missing[0]}', which the model does not: every plate of the guide must "
+            "also be a plate of the model (with the same name and size)"
+        )
 
 
 def check_replayed_shape(name, site):
