@@ -812,6 +812,28 @@ def test_a_plate_in_the_guide_and_not_the_model_is_refused_by_name(sequential):
     assert optim.get_state() == {}
 
 
+def test_a_guide_site_outside_the_models_plate_is_named_with_the_plate():
+    """The guide samples a per-datum latent outside the model's plate: the error names the plate,
+    explains the particle dim in the shapes and carries neither Pyro's trace table (with the
+    internal particle plate) nor the one-particle hint (issue 21, item 5)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=T), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], dtype=T), 1.0).to_event(1))
+
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=T)
+    with pytest.raises(ModelError) as info:
+        iwae_bound(model, guide, x, num_particles=4)
+    message = str(info.value)
+    assert "the model samples it inside the plate 'data', and the guide outside it" in message
+    assert "leftmost dim is the draw's particles" in message
+    assert "_iwem_particles" not in message and "vectorize_particles" not in message
+
+
 def test_a_nan_p_step_gradient_changes_nothing():
     """The E-step draws without a graph, so a guide whose φ-gradient is infinite (d√a/da at a = 0)
     passes the M-step; the P-step refuses it. All or nothing: θ must not have moved either."""

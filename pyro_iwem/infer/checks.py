@@ -51,7 +51,14 @@ def warn_guide_enumeration(name, site, warned):
 
 
 class ShapeMismatch(ModelError):
-    """A guide's value whose shape is not the one the model's distribution gives the site."""
+    """A guide's value whose shape is not the one the model's distribution gives the site;
+    ``message`` is the error's own text (Pyro appends its trace's shapes to ``args``), and
+    ``plate`` the model's plate the guide's site lacks, if that is the cause."""
+
+    def __init__(self, message, plate=None):
+        super().__init__(message)
+        self.message = message
+        self.plate = plate
 
 
 def check_finite_params(error):
@@ -82,8 +89,9 @@ def check_guide_plates(model_trace, guide_trace):
         )
 
 
-def check_replayed_shape(name, site):
-    """A latent replayed from the guide must have the shape the model's distribution gives it."""
+def check_replayed_shape(name, site, guide_site=None):
+    """A latent replayed from the guide must have the shape the model's distribution gives it;
+    if the guide samples it outside a plate the model samples it in, the error says so."""
     value, fn = site["value"], site["fn"]
     expected = tuple(fn.batch_shape + fn.event_shape)
     expected = expected[max(0, len(expected) - value.dim()) :]  # enumerated dims left of the value's
@@ -93,10 +101,17 @@ def check_replayed_shape(name, site):
     except RuntimeError:
         broadcast = None
     if broadcast != tuple(value.shape) or tuple(value.shape[value.dim() - len(event) :]) != event:
+        plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+        guide_plates = {f.name for f in guide_site["cond_indep_stack"]} if guide_site is not None else set(plates)
+        missing = next((p for p in plates if p not in guide_plates), None)
+        cause = (
+            f"; the model samples it inside the plate '{missing}', and the guide outside it: sample it in the "
+            "guide inside the same plate" if missing else "; make the guide sample the site with the model's shape"
+        )
         raise ShapeMismatch(
             f"site '{name}': the guide's value has shape {tuple(value.shape)}, but the model's distribution "
-            f"has batch shape {tuple(fn.batch_shape)} and event shape {event}; make the guide sample "
-            "the site with the model's shape"
+            f"has batch shape {tuple(fn.batch_shape)} and event shape {event}{cause}",
+            plate=missing,
         )
 
 

@@ -33,7 +33,7 @@ class ProposeFromModel(Messenger):
         if msg["is_observed"] or site_is_subsample(msg):
             return
         if msg["name"] in self.guide_trace.nodes:
-            check_replayed_shape(msg["name"], msg)  # before the model computes with the value
+            check_replayed_shape(msg["name"], msg, self.guide_trace.nodes[msg["name"]])  # before the model uses it
             return
         if msg["infer"].get("_deterministic") or msg["infer"].get("_enumerate_dim") is not None:
             return

@@ -214,8 +214,12 @@ class ParticleSampler:
         try:
             guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1)
             terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, draw)
-        except ShapeMismatch as error:  # a model written for one particle looks like a guide of the wrong shape
-            raise with_vectorize_hint(error)
+        except ShapeMismatch as error:
+            while isinstance(error.__cause__, ShapeMismatch):  # Pyro re-raises it with the trace's shapes appended
+                error = error.__cause__
+            error = ShapeMismatch(f"{error.message} (in the shapes, the leftmost dim is the draw's particles)", error.plate)
+            # a model written for one particle looks like a guide of the wrong shape
+            raise (error if error.plate else with_vectorize_hint(error)) from None
         except ModelError:
             raise
         except (ValueError, RuntimeError, IndexError) as error:
