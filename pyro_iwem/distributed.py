@@ -1,5 +1,5 @@
 r"""One run on several processes: an optimiser that all-reduces gradients, and the broadcast
-of the initial parameters (docs/scaling.md, DESIGN §8).
+of the initial parameters (docs/scaling.md).
 
 pyro_iwem takes its gradients with :func:`torch.autograd.grad`, checks them, then writes
 them: a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper never sees them (its
