@@ -116,8 +116,7 @@ class ParticleSampler:
             a replayed guide trace).
         """
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
-        if self.max_plate_nesting is None or self.global_latents is None:
-            self._probe(args, kwargs, guide_args, guide_kwargs)
+        self._probe_once(args, kwargs, (guide_args, guide_kwargs))
         self._model_inputs = (args, kwargs)
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
@@ -137,6 +136,12 @@ class ParticleSampler:
         self._validated = True
         check_log_weights(particles.log_w, (("model", particles.model_trace), ("guide", particles.guide_trace)))
         return particles
+
+    def _probe_once(self, args, kwargs, guide_args=None):
+        """Probes the programs on the first call (the guide's inputs computed only then if not given)."""
+        if self.max_plate_nesting is None or self.global_latents is None:
+            guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
+            self._probe(args, kwargs, guide_args, guide_kwargs)
 
     def _probe(self, args, kwargs, guide_args, guide_kwargs):
         """Reads max_plate_nesting, the data plate and the globals off one unvectorised run."""
@@ -159,9 +164,7 @@ class ParticleSampler:
 
     def global_names(self, args, kwargs, guide_args=None):
         """The model's global latents (drawn once per call), found from one run on the first call."""
-        if self.max_plate_nesting is None or self.global_latents is None:
-            guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
-            self._probe(args, kwargs, guide_args, guide_kwargs)
+        self._probe_once(args, kwargs, guide_args)
         return self.global_latents.names
 
     def inputs_for_guide(self, args, kwargs):
