@@ -89,6 +89,24 @@ def check_guide_plates(model_trace, guide_trace):
         )
 
 
+def check_param_names(model_trace, guide_trace):
+    """A parameter name the model and the guide both use must be one parameter. With
+    ``pyro.settings.set(module_local_params=True)`` two root ``PyroModule`` s each have their
+    own ``loc``, under the same site name: whichever trace is read last would stand for both, and
+    the other would silently never be trained (Pyro's own ``Trace_ELBO`` drops it too)."""
+    model_params = {name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "param"}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "param" or name not in model_params:
+            continue
+        if model_params[name].unconstrained() is not site["value"].unconstrained():
+            raise ModelError(
+                f"the model and the guide each have their own parameter '{name}' (module-local parameters "
+                "of PyroModules with the same name): one name cannot stand for two parameters, and one of "
+                "them would never be trained; name the modules apart, e.g. PyroModule.__init__(self, "
+                f"name=\"guide\") gives the guide's 'guide.{name}'"
+            )
+
+
 def check_replayed_shape(name, site, guide_site=None):
     """A latent replayed from the guide must have the shape the model's distribution gives it;
     if the guide samples it outside a plate the model samples it in, the error says so."""

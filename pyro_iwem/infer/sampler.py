@@ -19,8 +19,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import is_validation_enabled
 
 from .checks import (
-    ShapeMismatch, check_finite_params, check_guide_plates, check_log_weights, check_observed, refuse_or_warn_coupled,
-    warn_guide_enumeration, with_vectorize_hint,
+    ShapeMismatch, check_finite_params, check_guide_plates, check_log_weights, check_observed, check_param_names,
+    refuse_or_warn_coupled, warn_guide_enumeration, with_vectorize_hint,
 )
 from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
 from .inflation import ProposalInflation, per_particle
@@ -133,6 +133,7 @@ class ParticleSampler:
                 particles = self._draw_loop(num_particles, inputs, subsample, draw)
         if not self._validated:
             check_guide_plates(particles.model_trace, particles.guide_trace)
+            check_param_names(particles.model_trace, particles.guide_trace)
         self._validated = True
         check_log_weights(particles.log_w, (("model", particles.model_trace), ("guide", particles.guide_trace)))
         return particles
