@@ -12,22 +12,22 @@ from pyro_iwem.infer import IWEM
 from pyro_iwem.infer.util import ModelError
 
 
-class Model(PyroModule):
+class _WithLoc(PyroModule):
+    """A root module with one parameter ``loc`` (site name ``loc``, or ``NAME.loc``)."""
+
     def __init__(self, name=""):
         super().__init__(name=name)
         self.loc = PyroParam(torch.zeros(2))
 
+
+class Model(_WithLoc):
     def forward(self, x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(self.loc, 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
 
-class Guide(PyroModule):
-    def __init__(self, name=""):
-        super().__init__(name=name)
-        self.loc = PyroParam(torch.zeros(2))
-
+class Guide(_WithLoc):
     def forward(self, x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(self.loc + 0 * x, 1.0).to_event(1))

@@ -89,16 +89,14 @@ def check_guide_plates(model_trace, guide_trace):
         )
 
 
-def check_param_names(model_trace, guide_trace):
-    """A parameter name the model and the guide both use must be one parameter. With
+def check_param_names(model_params, guide_params):
+    """A parameter name the model and the guide both use must be one parameter (``model_params``
+    and ``guide_params``: :func:`~pyro_iwem.infer.sites.param_values` of the two traces). With
     ``pyro.settings.set(module_local_params=True)`` two root ``PyroModule`` s each have their
-    own ``loc``, under the same site name: whichever trace is read last would stand for both, and
-    the other would silently never be trained (Pyro's own ``Trace_ELBO`` drops it too)."""
-    model_params = {name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "param"}
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "param" or name not in model_params:
-            continue
-        if model_params[name].unconstrained() is not site["value"].unconstrained():
+    own ``loc`` under the same site name; the θ/φ split (:class:`~pyro_iwem.infer.params.ParamSplitter`)
+    and Pyro's ``SVI`` both know parameters by name, so the guide's would silently never be trained."""
+    for name, value in guide_params.items():
+        if name in model_params and model_params[name] is not value:
             raise ModelError(
                 f"the model and the guide each have their own parameter '{name}' (module-local parameters "
                 "of PyroModules with the same name): one name cannot stand for two parameters, and one of "

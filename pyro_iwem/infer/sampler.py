@@ -133,7 +133,7 @@ class ParticleSampler:
                 particles = self._draw_loop(num_particles, inputs, subsample, draw)
         if not self._validated:
             check_guide_plates(particles.model_trace, particles.guide_trace)
-            check_param_names(particles.model_trace, particles.guide_trace)
+            check_param_names(particles.model_params, particles.guide_params)
         self._validated = True
         check_log_weights(particles.log_w, (("model", particles.model_trace), ("guide", particles.guide_trace)))
         return particles
