@@ -8,7 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .objectives import nested_outer_bound, refuse_subsampled_nested
+from .objectives import (
+    check_num_global_particles, effective_sample_size, nested_draws, nested_outer_bound, nested_terms,
+)
 from .sampler import ParticleSampler
 from .transforms import ReplayGlobals
 from .util import device_of
@@ -95,7 +97,7 @@ class NestedBound(NamedTuple):
 
     #: :math:`\log \frac1M \sum_m \frac{p(\beta_m)}{q(\beta_m)} \prod_i \hat p_K(x_i \mid \beta_m)`, a float64 scalar
     bound: torch.Tensor
-    #: ``bound / B`` for each datum, ``(B,)`` (what :func:`iwae_bound` returns with ``global_particles``)
+    #: ``bound / N`` for each datum, ``(B,)``, N = B the data set's size (what :func:`iwae_bound` returns with ``global_particles``)
     per_datum: torch.Tensor
     #: Kish's ESS of the M draws of β, out of M
     global_ess: float
@@ -130,18 +132,17 @@ def nested_bound(
         return _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles)
 
 
-def check_num_global_particles(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"global_particles must be a positive integer (draws of the globals), got {value!r}")
-
-
 class _GivenGlobals(NamedTuple):
+    """One draw of β with its chunks' per-datum bound: what ``objectives.outer_bound`` and
+    ``objectives.nested_draws`` read of a :class:`Particles` (no score: it runs without gradients)."""
+
     inner: torch.Tensor  # (B,) log mean_k w_ik given β, float64
     log_global_w: torch.Tensor  # log p(β) - log q(β), float64 scalar (0 without globals)
     data_size: float
     scale: float
     ess: torch.Tensor  # (B,) per-datum ESS given β
-    has_globals: bool
+    global_sites: tuple
+    log_global_score: None = None
 
 
 def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation):
@@ -165,7 +166,7 @@ def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memor
             )
         if first is None:
             first = (particles.log_global_w.double().sum(), particles.data_size, particles.scale,
-                     bool(particles.global_sites))  # fmt: skip
+                     particles.global_sites)  # fmt: skip
             if particles.global_sites:
                 replay = (ReplayGlobals(particles),)
         subsample, log_w = particles.subsample, particles.log_w.double()
@@ -174,26 +175,22 @@ def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memor
         total = chunk if total is None else torch.logaddexp(total, chunk)
         sum_w2 = chunk_w2 if sum_w2 is None else torch.logaddexp(sum_w2, chunk_w2)
         remaining -= n
-    log_global_w, data_size, scale, has_globals = first
+    log_global_w, data_size, scale, names = first
     return _GivenGlobals(
-        total - math.log(num_particles), log_global_w, data_size, scale, (2 * total - sum_w2).exp(), has_globals
+        total - math.log(num_particles), log_global_w, data_size, scale, (2 * total - sum_w2).exp(), names
     )
 
 
 def _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles):
-    draws = []
-    for _ in range(global_particles):
-        draw = _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation)
-        refuse_subsampled_nested(global_particles, draw.scale)
-        draws.append(draw)
-        if not draw.has_globals:
-            break  # no globals: every draw is the same bound
-    log_terms = torch.stack([d.log_global_w + d.inner.sum() for d in draws])
+    draws = nested_draws(
+        lambda: _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation),
+        global_particles,
+    )
+    log_terms = nested_terms(draws, lambda d: d.inner)
     bound = nested_outer_bound(log_terms)
-    batch = draws[0].inner.shape[0]
-    global_ess = (1.0 / torch.softmax(log_terms, 0).pow(2).sum()).item()
+    batch, data_size = draws[0].inner.shape[0], draws[0].data_size  # B = N: full batch when M > 1
     ess = torch.stack([d.ess for d in draws]).mean().item()
-    return NestedBound(bound, bound.expand(batch) / batch, global_ess, ess, log_terms)
+    return NestedBound(bound, bound.expand(batch) / data_size, effective_sample_size(log_terms).item(), ess, log_terms)
 
 
 def budget_chunk(draw, num_particles, memory_budget, device=None):

@@ -5,10 +5,14 @@ import torch
 
 from .annealing import Annealing, NoAnnealing
 from .collective import collective_step
-from .grads import Snapshot, accumulate_grads, gradient_step, shared_draw_gradients
+from .grads import Snapshot, accumulate_grads, gradient_step, gradients, shared_draw_gradients
 from .inflation import check_inflation
 from .losses import check_num_particles
-from .objectives import effective_sample_size, log_mean_exp, outer_bound, snis_objective
+from .objectives import (
+    check_num_global_particles, effective_sample_size, log_mean_exp, nested_draws, nested_outer_bound, nested_terms,
+    normalized_weights, outer_bound, snis_objective, weighted_outer_bound,
+)
+from .params import global_guide_params
 from .proposal import proposal_loss
 from .transforms import CutLatents, DetachModelProposals
 from .util import ModelError, warn_once
@@ -25,7 +29,7 @@ _PAPER_ANNEALING = _PaperAnnealing()
 
 
 class IWEM:
-    r"""IWEM(model, guide, K=50, J=50, L=1, optim=None, annealing=Annealing(), proposal="optimal", max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True, one_pass=False, proposal_inflation=1.0, p_step_inflation=None, log_p_offset=0.0)
+    r"""IWEM(model, guide, K=50, J=50, L=1, optim=None, annealing=Annealing(), proposal="optimal", max_plate_nesting=None, data_plate=None, guide_inputs=None, vectorize_particles=True, one_pass=False, proposal_inflation=1.0, p_step_inflation=None, log_p_offset=0.0, global_particles=1)
 
     Importance weighted EM: an E-step, an M-step on θ and a P-step on φ per :meth:`step`.
 
@@ -48,6 +52,18 @@ class IWEM:
     per datum at the drawn :math:`\beta` and the parameters of :math:`q(\beta)` along the gradient
     of L_K (pathwise where :math:`\beta` is reparameterised, REINFORCE otherwise;
     :func:`~pyro_iwem.infer.objectives.outer_bound`). :attr:`bound` is then L_K per datum.
+
+    With ``global_particles`` = M > 1 a step draws M values :math:`\beta_m` (each with its K
+    per-datum particles, one draw after the other), and the objective is the nested bound
+    :math:`\log \frac1M \sum_m \hat W_m`,
+    :math:`\log \hat W_m = \log p(\beta_m) - \log q(\beta_m) + \sum_i \log \hat p_K(x_i \mid \beta_m)`,
+    with the global weights :math:`\bar W_m = \mathrm{softmax}_m \log \hat W_m`, detached. The
+    M-step steps θ along
+    :math:`\sum_m \bar W_m \big[\log p(\beta_m; \theta) + \sum_i \hat Q_\alpha(\theta; x_i \mid \beta_m)\big]`,
+    at α = 1 the nested bound's θ-gradient with the draws held fixed; the P-step (on M fresh
+    draws of J particles) fits the local guide by its loss (eq. 7, or eq. 4 for IWEM-woo) per
+    datum at each :math:`\beta_m`, the draws weighted by their :math:`\bar W_m`, and
+    :math:`q(\beta)` by the nested bound's pathwise gradient (with IWAE inside).
 
     :param model: a Pyro model :math:`p(x, z; \theta)`; any plates, several latent sites,
         subsampling, missing data through ``obs_mask=`` or :func:`~pyro_iwem.observe_masked`.
@@ -100,6 +116,12 @@ class IWEM:
     :param float log_p_offset: the constant :math:`c` of the optimal P-step's
         :math:`|\log p + c|` (default 0, eq. 7; see :class:`OptimalProposalLoss`); only with
         ``proposal="optimal"``.
+    :param int global_particles: M, the draws of the global latents per step (default 1: L_K,
+        one draw). M > 1 gives the nested bound above, tighter over β: full batch only (a
+        subsampled data plate is refused before any parameter moves), reparameterised globals
+        only (a global without ``rsample`` whose guide has parameters is refused, naming it).
+        On a model without global latents one draw is taken whatever M (every draw would give
+        the same bound): the step is then M = 1's.
 
     θ are the parameters :math:`\log p` depends on with the latents fixed, φ those the guide's
     distributions depend on, less θ; both are found from the graph
@@ -108,7 +130,8 @@ class IWEM:
     After each step, :attr:`ess` is the E-step's effective sample size (mean over the
     batch), :attr:`bound` the IWAE bound of the E-step's K particles at :math:`\theta_t`
     (mean per datum; :math:`-\hat Q_\alpha`, the loss, is not a bound and cannot be set
-    beside other methods' losses, this can) and :attr:`p_loss` the P-step loss. A step
+    beside other methods' losses, this can), :attr:`p_loss` the P-step loss and
+    :attr:`global_ess` the ESS of the M draws of β. A step
     whose checks refuse it (bad data, shapes, a NaN loss) raises before any parameter moves.
     """
 
@@ -136,11 +159,13 @@ class IWEM:
         proposal_inflation=1.0,
         p_step_inflation=None,
         log_p_offset=0.0,
+        global_particles=1,
     ):
         self.model = model
         self.guide = guide
         self.K = check_num_particles("K", K)
         self.L = check_num_particles("L", L)
+        self.global_particles = check_num_global_particles(global_particles)
         self.proposal_inflation = check_inflation("proposal_inflation", proposal_inflation)
         self.p_step_inflation = check_inflation(
             "p_step_inflation", proposal_inflation if p_step_inflation is None else p_step_inflation
@@ -165,12 +190,16 @@ class IWEM:
         self.annealing = NoAnnealing() if annealing is None else annealing
         #: steps taken so far.
         self.num_steps = 0
-        #: the last E-step's effective sample size, out of K (mean over the batch).
+        #: the last E-step's effective sample size, out of K (mean over the batch; with M draws of
+        #: β, the draws' means weighted by :math:`\bar W_m`).
         self.ess = float("nan")
         #: the IWAE bound of the last E-step's K particles at θ_t (mean per datum): the number
         #: to compare with other methods, unlike the loss (with ``proposal_inflation``, the
-        #: bound of the widened proposal the particles were drawn from).
+        #: bound of the widened proposal the particles were drawn from); with M > 1 draws of
+        #: β, the nested bound divided by N.
         self.bound = float("nan")
+        #: the ESS of the last E-step's M draws of β, out of M (nan with one draw).
+        self.global_ess = float("nan")
         #: the last P-step's loss.
         self.p_loss = float("nan")
 
@@ -184,12 +213,18 @@ class IWEM:
         """The annealing controller's current α."""
         return self.annealing.alpha
 
-    def _e_step(self, alpha, args, kwargs, guide_args=None):
+    def _e_draw(self, alpha, args, kwargs, guide_args=None):
+        """One draw of β and of the E-step's particles given it, detached: K (widened) for the
+        weights, L for the annealing's ELBO term while α < 1."""
         num_elbo = self.L if alpha < 1.0 else 0
         inflation = [self.proposal_inflation] * self.K + [1.0] * num_elbo  # K widened snIS samples, L ELBO samples
-        particles = self.sampler(
+        return self.sampler(
             self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args, inflation=inflation
         )
+
+    def _e_step(self, alpha, args, kwargs, guide_args=None):
+        """``(particles, loss)`` of one draw of β (:meth:`_e_draw`, :meth:`_e_loss`)."""
+        particles = self._e_draw(alpha, args, kwargs, guide_args)
         return particles, self._e_loss(particles, alpha)
 
     def _e_loss(self, particles, alpha):
@@ -198,6 +233,25 @@ class IWEM:
         :math:`-\big[\log p(\beta; \theta) + \frac NB \sum_i \hat Q_\alpha(\theta; x_i \mid \beta)\big]`,
         the weights normalised per datum given :math:`\beta` (``log q(β)`` enters as a constant)."""
         return -outer_bound(particles, snis_objective(particles, self.K, alpha))
+
+    def _nested_e_step(self, alpha, args, kwargs, guide_args=None):
+        r"""``(draws, log_weights, loss)``: :attr:`global_particles` = M draws of β (:meth:`_e_draw`;
+        one at M = 1 or without globals), their :math:`\log \hat W_m` (:meth:`_log_global_weights`;
+        ``None`` for one draw), and the M-step loss :math:`\sum_m \bar W_m\, \mathcal L_m`,
+        :math:`\bar W_m = \mathrm{softmax}_m \log \hat W_m` and :math:`\mathcal L_m` = :meth:`_e_loss` of
+        draw m (one draw: its :meth:`_e_loss`): at α = 1 θ's gradient is minus the nested bound's,
+        the draws held fixed."""
+        draws = nested_draws(lambda: self._e_draw(alpha, args, kwargs, guide_args), self.global_particles)
+        if len(draws) == 1:
+            return draws, None, self._e_loss(draws[0], alpha)
+        log_weights = self._log_global_weights(draws)
+        weights = normalized_weights(log_weights)
+        return draws, log_weights, -weighted_outer_bound(draws, weights, lambda p: snis_objective(p, self.K, alpha))
+
+    def _log_global_weights(self, draws):
+        r""":math:`\log \hat W_m = \log p(\beta_m) - \log q(\beta_m) + \sum_i \log \frac1K \sum_k w_{ik}^m`
+        of the E-step's M draws (their first K particles), detached, ``(M,)``."""
+        return nested_terms(draws, lambda p: log_mean_exp(p.log_w[: self.K].detach())).detach()
 
     def step(self, *args, **kwargs):
         r"""One E-, M- and P-step on a minibatch; returns the E-step loss :math:`-\hat Q_\alpha`.
@@ -224,13 +278,16 @@ class IWEM:
 
     def _m_step(self, args, kwargs, guide_args):
         # a method of its own: the E-step's particles and graph are freed before the P-step
-        particles, loss = self._e_step(self.alpha, args, kwargs, guide_args)
-        theta = particles.param_groups().theta
+        draws, log_weights, loss = self._nested_e_step(self.alpha, args, kwargs, guide_args)
+        theta = _union(p.param_groups().theta for p in draws)
         self._warn_if_empty(theta=theta)
         before = Snapshot(theta, self.optim)
         gradient_step(loss, theta, self.optim)
-        self._record_e_step(particles, self.K)
-        return loss.item(), theta, particles.subsample, before
+        if log_weights is None:
+            self._record_e_step(draws[0], self.K)
+        else:
+            self._record_nested_e_step(draws, log_weights)
+        return loss.item(), theta, draws[0].subsample, before
 
     def _record_e_step(self, particles, num):
         r""":attr:`ess` and :attr:`bound` of the E-step's first ``num`` particles: the mean per-datum
@@ -243,6 +300,16 @@ class IWEM:
             self.bound = (inner.mean() + particles.log_global_w.detach().sum() / particles.data_size).item()
         else:
             self.bound = inner.mean().item()
+
+    def _record_nested_e_step(self, draws, log_weights):
+        r""":attr:`bound`, :attr:`ess` and :attr:`global_ess` of M draws of β: the nested bound per
+        datum, :math:`\frac1N \log \frac1M \sum_m \hat W_m`; the per-datum ESS given each
+        :math:`\beta_m` (mean over data), weighted by :math:`\bar W_m`; Kish's ESS of the
+        :math:`\hat W_m` (``log_weights``, :meth:`_log_global_weights`)."""
+        self.bound = (nested_outer_bound(log_weights) / draws[0].data_size).item()
+        per_draw = torch.stack([effective_sample_size(p.log_w[: self.K].detach()).mean() for p in draws])
+        self.ess = (normalized_weights(log_weights) * per_draw).sum().item()
+        self.global_ess = effective_sample_size(log_weights).item()
 
     def _warn_if_empty(self, theta=None, phi=None):
         """Warns once if a group given (not ``None``) is empty."""
@@ -262,16 +329,23 @@ class IWEM:
             )
 
     def _p_step(self, theta, args, kwargs, guide_args, subsample):
-        particles = self.sampler(
-            self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
-            inflation=self.p_step_inflation,
+        draws = nested_draws(
+            lambda: self.sampler(
+                self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
+                inflation=self.p_step_inflation,
+            ),
+            self.global_particles,
+            "IWEM",
         )
         stepped = set(theta)
-        phi = tuple(p for p in particles.param_groups().phi if p not in stepped)  # in trace order
+        phi = tuple(p for p in _union(d.param_groups().phi for d in draws) if p not in stepped)  # in trace order
         self._warn_if_empty(phi=phi)
         if not phi:
             return float("nan")
-        grads, loss = self.proposal_loss.phi_gradients(particles, phi)  # q(β): along L_K (class doc)
+        if len(draws) == 1:
+            grads, loss = self.proposal_loss.phi_gradients(draws[0], phi)  # q(β): along L_K (class doc)
+        else:
+            grads, loss = nested_phi_gradients(self.proposal_loss, draws, phi)
         params = accumulate_grads(grads)
         self.optim(params)
         for p in params:
@@ -279,9 +353,10 @@ class IWEM:
         return loss.item()
 
     def evaluate_loss(self, *args, **kwargs):
-        """The E-step loss :math:`-\\hat Q_\\alpha` at the current parameters, without updating them."""
+        r"""The E-step loss :math:`-\hat Q_\alpha` at the current parameters, without updating them
+        (with M draws of β, the M-step loss :math:`-\sum_m \bar W_m [\dots]` that :meth:`step` returns)."""
         with torch.no_grad():
-            return self._e_step(self.alpha, args, kwargs)[1].item()
+            return self._nested_e_step(self.alpha, args, kwargs)[2].item()
 
     def end_epoch(self):
         """Tell the annealing controller an epoch has ended (for ``Annealing(unit="epoch")``)."""
@@ -297,6 +372,41 @@ class IWEM:
         self.optim.set_state(state["optim"])
 
 
+def nested_phi_gradients(loss, draws, phi):
+    r"""``({param: gradient}, loss)``: the P-step on M draws of β (each with its J particles),
+    with the P-step loss ``loss`` (:class:`~pyro_iwem.infer.ParticleLoss`) inside.
+
+    With :math:`L_m` the draw's L_J with the bound that trains :math:`q(\beta)` inside (the
+    loss's ``global_guide_objective``, IWAE for eq. 7; else its own φ objective) and
+    :math:`\bar W_m = \mathrm{softmax}_m L_m` detached, the local guide's parameters step along
+    :math:`-\sum_m \bar W_m P_m`, :math:`P_m` the draw's batch P-step objective (eq. 7 per datum
+    at :math:`\beta_m`: :func:`~pyro_iwem.infer.objectives.outer_bound` of the φ objective), and
+    the parameters of :math:`q(\beta)` along the nested bound
+    :math:`-\log \frac1M \sum_m e^{L_m}` (pathwise). The loss returned is
+    :math:`-\sum_m \bar W_m P_m`. For a loss whose φ objective is its bound (IWAE) both are the
+    nested bound's gradient."""
+
+    def own(particles):
+        return loss.objectives(particles)[1]
+
+    bounds = nested_terms(draws, loss.global_guide_objective or own)
+    weights = normalized_weights(bounds.detach())
+    p_loss = -(weights * (bounds if loss.global_guide_objective is None else nested_terms(draws, own))).sum()
+    global_phi = {id(t) for d in draws for t in global_guide_params(d, phi)}
+    grads = gradients(p_loss, tuple(p for p in phi if id(p) not in global_phi), retain_graph=bool(global_phi))
+    grads.update(gradients(-nested_outer_bound(bounds), tuple(p for p in phi if id(p) in global_phi)))
+    return grads, p_loss
+
+
+def _union(groups):
+    """The tensors of ``groups`` (tuples of parameters), each once, in first-seen order."""
+    found = {}
+    for group in groups:
+        for t in group:
+            found.setdefault(id(t), t)
+    return tuple(found.values())
+
+
 class IWAEasEM(IWEM):
     r"""IWAE read as an EM algorithm (Algorithm 1): the E/M-step on θ with the snIS objective
     of eq. (2) (α ≡ 1), then a separate P-step on φ with the IWAE loss of eq. (4).
@@ -307,7 +417,8 @@ class IWAEasEM(IWEM):
     """
 
     def __init__(
-        self, model, guide, K=50, J=None, optim=None, max_plate_nesting=None, data_plate=None, vectorize_particles=True
+        self, model, guide, K=50, J=None, optim=None, max_plate_nesting=None, data_plate=None, vectorize_particles=True,
+        global_particles=1,
     ):
         super().__init__(
             model,
@@ -320,6 +431,7 @@ class IWAEasEM(IWEM):
             max_plate_nesting=max_plate_nesting,
             data_plate=data_plate,
             vectorize_particles=vectorize_particles,
+            global_particles=global_particles,
         )
 
 
@@ -336,7 +448,8 @@ class OnePassIWEM(IWEM):
     so a step costs about what an IWAE step does. ``proposal_inflation`` widens all K
     particles, the ones the ELBO term averages included; ``p_step_inflation``, if given, must
     equal it, and ``L`` must be 1. The other arguments are :class:`IWEM`'s. On a model with global
-    latents it takes :class:`IWEM`'s two-pass step (J particles in the P-step), with a warning.
+    latents it takes :class:`IWEM`'s two-pass step (J particles in the P-step), with a warning,
+    and with it ``global_particles`` = M > 1 (the nested bound); without globals M has no effect.
     """
 
     one_pass = True

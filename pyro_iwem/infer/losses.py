@@ -30,8 +30,8 @@ from pyro.infer import ELBO
 from .collective import collective_step
 from .grads import accumulate_grads, gradients
 from .objectives import (
-    elbo_objective, iwae_objective, log_mean_exp, nested_outer_bound, normalized_weights, outer_bound,
-    refuse_subsampled_nested,
+    check_num_global_particles, effective_sample_size, elbo_objective, iwae_objective, log_mean_exp, nested_draws,
+    nested_outer_bound, nested_terms, normalized_weights, outer_bound,
 )
 from .params import global_guide_params
 from .sampler import ParticleSampler
@@ -281,9 +281,7 @@ class IWAELoss(ParticleLoss):
         global_particles=1,
     ):
         super().__init__(num_particles, max_plate_nesting, data_plate, guide_inputs, vectorize_particles)
-        if isinstance(global_particles, bool) or not isinstance(global_particles, int) or global_particles < 1:
-            raise ValueError(f"global_particles must be a positive integer (draws of the globals), got {global_particles!r}")
-        self.global_particles = global_particles
+        self.global_particles = check_num_global_particles(global_particles)
         #: the ESS of the last step's draws of the globals, out of ``global_particles``
         self.global_ess = float("nan")
 
@@ -292,22 +290,14 @@ class IWAELoss(ParticleLoss):
         return bound, bound
 
     def _nested(self, model, guide, args, kwargs, grad):
-        """``(draws, nested bound)`` of ``global_particles`` draws of the globals."""
+        """``(draws, nested bound)`` of ``global_particles`` draws of the globals (:func:`~pyro_iwem.infer.objectives.nested_draws`)."""
         sampler = self.sampler(model, guide)
-        draws = []
-        for _ in range(self.global_particles):
-            p = self._particles(model, guide, args, kwargs) if grad else sampler(self.num_particles, args, kwargs, grad_guide=False)
-            refuse_subsampled_nested(self.global_particles, p.scale)
-            if p.log_global_score is not None and p.log_global_score.requires_grad:
-                raise ModelError(
-                    f"IWAELoss(global_particles={self.global_particles}) needs reparameterised globals; "
-                    f"{', '.join(repr(n) for n in p.global_sites)} include one without rsample: use global_particles=1"
-                )
-            draws.append(p)
-            if not p.global_sites:
-                break  # nothing global: every draw is the same bound
-        values = torch.stack([outer_bound(p, iwae_objective(p)) for p in draws])
-        self.global_ess = (1.0 / torch.softmax(values.detach(), 0).pow(2).sum()).item()
+        if grad:
+            draws = nested_draws(lambda: self._particles(model, guide, args, kwargs), self.global_particles, "IWAELoss")
+        else:
+            draws = nested_draws(lambda: sampler(self.num_particles, args, kwargs, grad_guide=False), self.global_particles)
+        values = nested_terms(draws, iwae_objective)
+        self.global_ess = effective_sample_size(values.detach()).item()
         return draws, nested_outer_bound(values)
 
     def loss(self, model, guide, *args, **kwargs):

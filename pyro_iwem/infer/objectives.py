@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from .util import ModelError
+
 
 def log_mean_exp(x, dim=0):
     r""":math:`\log \frac{1}{N} \sum_n \exp x_n` along ``dim``."""
@@ -162,6 +164,49 @@ def nested_outer_bound(values):
     return log_mean_exp(values, 0)
 
 
+def check_num_global_particles(value):
+    """``value`` if it is a positive integer (M, the draws of the globals), else a ValueError naming ``global_particles``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"global_particles must be a positive integer (draws of the globals), got {value!r}")
+    return value
+
+
+def nested_draws(draw, global_particles, owner=None):
+    r"""The outer plate of the nested bound: M = ``global_particles`` draws of the globals
+    :math:`\beta_1..\beta_M`, ``draw()`` each, one after the other (each a
+    :class:`~pyro_iwem.infer.particles.Particles`, or anything with its ``scale`` and
+    ``global_sites``). One draw only when there are no globals: every draw would then give the
+    same bound. Refuses a subsampled data plate when M > 1 (:func:`refuse_subsampled_nested`)
+    and, for the estimator named ``owner`` (gradients will be taken), globals without
+    ``rsample`` whose score carries a gradient (:func:`refuse_scored_nested`)."""
+    draws = []
+    for _ in range(global_particles):
+        particles = draw()
+        refuse_subsampled_nested(global_particles, particles.scale)
+        if owner is not None:
+            refuse_scored_nested(owner, global_particles, particles)
+        draws.append(particles)
+        if not particles.global_sites:
+            break
+    return draws
+
+
+def nested_terms(draws, per_datum):
+    r"""``(M,)``: each draw's :math:`\log \hat W_m = L(\beta_m)`, :func:`outer_bound` with
+    ``per_datum`` inside, e.g. :math:`\log p(\beta_m) - \log q(\beta_m) + \sum_i \log \hat p_K(x_i \mid \beta_m)`;
+    :func:`nested_outer_bound` of them is the nested bound, ``normalized_weights`` of them detached
+    the global weights :math:`\bar W_m`, and ``effective_sample_size`` the M draws' ESS."""
+    return torch.stack([outer_bound(p, per_datum(p)) for p in draws])
+
+
+def weighted_outer_bound(draws, weights, per_datum):
+    r""":math:`\sum_m \bar W_m L(\beta_m)` with ``per_datum`` inside each draw's :func:`outer_bound`
+    and the global weights :math:`\bar W_m` = ``weights`` detached: with the draws held fixed its
+    gradient is the nested bound's, :math:`\nabla \log \frac1M \sum_m e^{L_m} = \sum_m \bar W_m \nabla L_m`,
+    where :math:`L_m` is the bound inside."""
+    return (weights * nested_terms(draws, per_datum)).sum()
+
+
 def refuse_subsampled_nested(global_particles, scale):
     """Refuses the nested bound of ``global_particles`` > 1 draws of β on a subsampled batch (``scale`` != 1)."""
     if global_particles > 1 and scale != 1.0:
@@ -171,6 +216,25 @@ def refuse_subsampled_nested(global_particles, scale):
             f"so a minibatch (the data plate is subsampled, scale {scale:g}) has no unbiased estimate of it. Pass "
             "the full batch, or use global_particles=1 (L_K)"
         )
+
+
+def refuse_scored_nested(owner, global_particles, particles):
+    """Refuses ``global_particles`` > 1 draws of globals some of which have no ``rsample`` and a
+    score that carries a gradient (``Particles.log_global_score``): the nested bound's gradient
+    is pathwise only. The error names those sites."""
+    score = particles.log_global_score
+    if global_particles == 1 or score is None or not score.requires_grad:
+        return
+    traces = (particles.guide_trace, particles.model_trace)
+    scored = [
+        n for n in particles.global_sites
+        if not next(t.nodes[n] for t in traces if n in t.nodes)["fn"].has_rsample
+    ]  # fmt: skip
+    raise ModelError(
+        f"{owner}(global_particles={global_particles}) needs reparameterised globals: "
+        f"{', '.join(repr(n) for n in scored or particles.global_sites)} has no rsample, and the nested bound's "
+        "gradient is taken pathwise only: use global_particles=1"
+    )
 
 
 def _sum_optional(a, b):
