@@ -228,13 +228,13 @@ def _check_flat(tensors):
                          f"({sorted(str(d) for d in {t.device for t in tensors})})")  # fmt: skip
 
 
-def _device(group):
+def collective_device(group=None):
     """Where a collective's tensor lives for the backend of ``group``."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
 
 
 def _all_reduce_max(entries, group):
-    t = torch.tensor(entries, dtype=torch.int64, device=_device(group))
+    t = torch.tensor(entries, dtype=torch.int64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
 

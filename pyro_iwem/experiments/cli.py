@@ -20,9 +20,16 @@ from .options import PROG, TrainConfig, build_parser, forwarded_argv
 def cmd_train(args):
     from .train import Trainer, summary_line
 
-    trainer = Trainer(TrainConfig.from_namespace(args)).prepare()
-    metrics = trainer.run()
-    print(summary_line(metrics, trainer.run_dir), flush=True)
+    from .world import World
+
+    world = World.from_env(args.device)  # several processes under torchrun (WORLD_SIZE)
+    try:
+        trainer = Trainer(TrainConfig.from_namespace(args), world=world).prepare()
+        metrics = trainer.run()
+    finally:
+        world.close()
+    if world.main:
+        print(summary_line(metrics, trainer.run_dir), flush=True)
     return 0
 
 
@@ -166,7 +173,8 @@ def main(argv=None):
     try:
         return COMMANDS[args.command](args)
     except RunError as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        if getattr(e, "echo", True):  # not an echo of another process's error (its process reports it)
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except DataFileError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)

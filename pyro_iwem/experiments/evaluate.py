@@ -32,6 +32,7 @@ from .checkpoint import (
 )
 from .errors import RunError
 from .setup import PLATES, load_data, make_model, resolve_device
+from .world import SOLO
 
 #: bytes the evaluation's chunk of particles may hold at its peak (``--eval-memory``, in GiB)
 EVAL_MEMORY_BUDGET = 2**30
@@ -45,18 +46,22 @@ def gib(value):
 
 
 def mean_log_likelihood(
-    model, data, split, num_particles, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET
+    model, data, split, num_particles, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET,
+    world=SOLO,
 ):
     """Mean over a split of the per-datum IWAE bound with ``num_particles`` samples
     (:func:`~pyro_iwem.infer.iwae_bound`, log-mean-exp in float64), drawn from the guide with
     its variance multiplied by ``inflation`` (1: the guide itself); a float in nats.
 
     The samples are drawn in chunks of :func:`eval_chunk_size` particles, which keeps a
-    chunk's peak memory under ``memory_budget`` bytes."""
+    chunk's peak memory under ``memory_budget`` bytes. On the processes of a ``world``
+    (:class:`~.world.World`) each bounds every ``world.size``-th batch and the sums are added up."""
     sampler = ParticleSampler(model.model, model.guide, **PLATES)
     total, count = 0.0, 0
     chunk_size = None
-    for x in data.batches(split, batch_size, device=device):
+    for index, x in enumerate(data.batches(split, batch_size, device=device)):
+        if not world.owns(index):
+            continue
         if chunk_size is None:
             chunk_size = eval_chunk_size(model, x, memory_budget, inflation)
         bound = iwae_bound(
@@ -65,6 +70,7 @@ def mean_log_likelihood(
         )
         total += bound.sum().item()
         count += len(x)
+    total, count = world.sum(total, count)
     return total / count
 
 
@@ -87,12 +93,14 @@ def eval_chunk_size(model, x, memory_budget, inflation=1.0):
 
 
 def test_log_likelihood(
-    model, data, num_particles, seed, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET
+    model, data, num_particles, seed, batch_size=100, device=None, inflation=1.0, memory_budget=EVAL_MEMORY_BUDGET,
+    world=SOLO,
 ):
     """The test log-likelihood: :func:`mean_log_likelihood` of the test split with the
-    global RNG seeded from ``seed`` first, so the same parameters give the same number."""
-    pyro.set_rng_seed(seed)
-    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device, inflation, memory_budget)
+    global RNG seeded from ``seed`` first (each process of a ``world`` from a seed of its
+    own), so the same parameters give the same number."""
+    pyro.set_rng_seed(world.seed(seed))
+    return mean_log_likelihood(model, data, "test", num_particles, batch_size, device, inflation, memory_budget, world)
 
 
 def score_key(K, inflation=1.0, all_test=False, refit_steps=None):

@@ -12,6 +12,7 @@ import torch
 from pyro_iwem.data import load_images, resolve_data_root
 from pyro_iwem.data.files import DATA_ENV_VAR
 from pyro_iwem.data.rng import numpy_generator
+from pyro_iwem.distributed import DistributedOptim
 from pyro_iwem.infer import MISSING_DATA_INPUTS, Annealing, build_method
 from pyro_iwem.infer.methods import IWEM_METHODS, SPECS
 from pyro_iwem.models import build_model
@@ -256,14 +257,16 @@ def make_model(config, data, device):
     return model.to(device)
 
 
-def make_method(config, model, annealing=None):
+def make_method(config, model, annealing=None, distributed=False):
     """The config's inference method (keys ``method``, ``K``, ``J``, ``lr`` and IWEM's ``L``,
     ``proposal_inflation``, ``p_step_inflation``, ``log_p_offset``), with Adam and
     ``annealing``, by default the paper's per-epoch schedule (+``anneal_increment`` per epoch,
-    from ``anneal_start``)."""
+    from ``anneal_start``); with ``distributed``, Adam averages the gradients over the
+    processes first (:class:`~pyro_iwem.distributed.DistributedOptim`)."""
     if annealing is None:
         start = config.get("anneal_start", 0.0)
         annealing = Annealing(config.get("anneal_increment", 0.01), every=1, start=start, unit="epoch")
+    optim = pyro.optim.Adam({"lr": config["lr"]})
     return build_method(
         config["method"],
         model.model,
@@ -271,7 +274,7 @@ def make_method(config, model, annealing=None):
         K=config["K"],
         J=config["J"],
         L=config.get("L", 1),
-        optim=pyro.optim.Adam({"lr": config["lr"]}),
+        optim=DistributedOptim(optim) if distributed else optim,
         annealing=annealing,
         proposal_inflation=config.get("proposal_inflation", 1.0),
         p_step_inflation=config.get("p_step_inflation"),

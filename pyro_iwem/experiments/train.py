@@ -58,6 +58,7 @@ from .setup import (
 )
 from .tensorboard import ScalarLog
 from .variance import subset_variances, summary, variance_metrics, variance_subset
+from .world import World, local_device
 
 
 class _RunningMean:
@@ -96,13 +97,19 @@ class Trainer:
     :param out: where progress lines go (default ``sys.stdout``; none with ``settings.quiet``).
     :param on_epoch: callables ``f(record)``, called with each epoch's history record once
         its checkpoint is written (e.g. a sweep's progress report).
+    :param world: the run's processes, a :class:`~.world.World` (default: what ``torchrun``
+        set in the environment, :meth:`~.world.World.from_env`; one process without it).
+        On several, each takes its share of every minibatch and steps with
+        :class:`~pyro_iwem.distributed.DistributedOptim`; the evaluations split the data and
+        add up; process 0 alone writes files, logs and calls ``on_epoch``.
 
     :attr:`config` is the dict of the settings that define the run (:data:`CONFIG_KEYS`), as
     checkpoints and ``metrics.json`` record it.
     """
 
-    def __init__(self, settings, out=None, on_epoch=()):
+    def __init__(self, settings, out=None, on_epoch=(), world=None):
         self.settings = settings
+        self.world = world
         self.quiet = settings.quiet
         self.out_stream = out
         self.on_epoch = list(on_epoch)
@@ -111,7 +118,7 @@ class Trainer:
         self.lock = RunDirLock(self.run_dir)
 
     def log(self, message):
-        if not self.quiet:
+        if not self.quiet and self.world.main:
             print(message, file=self.out_stream or sys.stdout, flush=True)
 
     # --- setting up -------------------------------------------------------------------
@@ -178,8 +185,18 @@ class Trainer:
         """Set the run up (see the class); holds the run directory's lock (:class:`~.checkpoint.RunDirLock`)
         from here to the end of :meth:`run` (or :meth:`close`): a second run on the same
         directory fails at once. A directory that does not exist yet is created (and locked) only
-        once the data, model and method are built, so that bad arguments leave nothing behind."""
-        if self.run_dir.is_dir():
+        once the data, model and method are built, so that bad arguments leave nothing behind.
+        On several processes, every process prepares, all fail if one does, and process 0's
+        parameters are then broadcast to the others."""
+        if self.world is None:
+            self.world = World.from_env(self.settings.device)
+        self.world.agree(self._prepare_here)
+        if self.world.distributed:
+            self.method.optim.broadcast_parameters(params=list(self.model.state_dict(keep_vars=True).values()))
+        return self
+
+    def _prepare_here(self):
+        if self.run_dir.is_dir() and self.world.main:
             self.lock.acquire()
         try:
             return self._prepare()
@@ -198,8 +215,9 @@ class Trainer:
         self._check_run_dir()
         self._fill_options()
         s = self.settings
-        self.config = run_config(s)
-        self.device = resolve_device(s.device)
+        self.config = self._run_config()
+        self._check_world_size()
+        self.device = local_device(resolve_device(s.device), self.world)
         if s.threads:
             torch.set_num_threads(s.threads)
 
@@ -218,13 +236,16 @@ class Trainer:
         if s.log_p_offset is None:  # the protocol's constant depends on the model's latent size
             offset = protocol_log_p_offset(s.protocol, s.method, self.model)
             self.settings = s = dataclasses.replace(s, log_p_offset=offset)
-            self.config = run_config(s)
-        self.method = make_method(self.config, self.model)
+            self.config = self._run_config()
+        self.method = make_method(self.config, self.model, distributed=self.world.distributed)
         self.variance_inputs = None
         if s.record_variance:  # the fixed subset of Figure 1
             self.variance_inputs = variance_subset(
                 self.data, s.record_variance, s.seed, self.device, with_mask=s.method in MISSING_DATA_INPUTS
             )
+        if self.world.distributed:  # the same model everywhere; from here on, particles of each rank's own
+            pyro.set_rng_seed(self.world.seed(s.seed))
+            self._check_shares()
 
         self.epoch = 0
         self.history = []
@@ -235,6 +256,8 @@ class Trainer:
         self.prior_seconds = 0.0
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+        if not self.world.main:  # process 0 alone writes the run's files
+            return self
         if self.lock.fd is None:  # the directory did not exist: create and lock it now
             self.lock.acquire()
             if not s.force and not s.resume and any((self.run_dir / n).exists() for n in (CHECKPOINT, METRICS)):
@@ -244,6 +267,32 @@ class Trainer:
                 (self.run_dir / name).unlink(missing_ok=True)
         self._rewrite_best()
         return self
+
+    def _run_config(self):
+        """The settings that define the run, and the number of processes it runs on."""
+        return {**run_config(self.settings), "world_size": self.world.size}
+
+    def _check_world_size(self):
+        """A run resumes on as many processes as it started on: each process's random stream
+        is in the checkpoint, and so is which share of each batch it took."""
+        saved = self.checkpoint["config"].get("world_size", 1) if self.checkpoint else self.world.size
+        if saved != self.world.size:
+            how = f"torchrun --nproc_per_node {saved} -m pyro_iwem train ..." if saved > 1 else "one process, without torchrun"
+            raise RunError(
+                f"{self.run_dir} was trained on {saved} process(es) and is resumed on {self.world.size}: resume it on "
+                f"{saved} ({how}), or use --force to start over"
+            )
+
+    def _check_shares(self):
+        """Every process needs a datum of every training batch: the last, incomplete one too."""
+        s, n = self.settings, self.data.sizes()["train"]
+        smallest = min(s.batch_size, n % s.batch_size or s.batch_size)
+        if smallest < self.world.size:
+            raise RunError(
+                f"the training split's {n} images in batches of {s.batch_size} leave a last batch of {smallest}, fewer "
+                f"than the {self.world.size} processes: each process needs a share of every batch; choose a "
+                "--batch-size that leaves at least one image per process, or fewer processes"
+            )
 
     def _rewrite_best(self):
         """A resumed run whose ``best.pt`` is missing or unreadable writes it again from the
@@ -255,6 +304,8 @@ class Trainer:
         self.log(f"wrote {path} again from {CHECKPOINT} (the best parameters, epoch {self.best_epoch})")
 
     def _save_best(self, valid_ll, epoch):
+        if not self.world.main:
+            return
         atomic_torch_save(
             {
                 "model": self.best_state,
@@ -276,7 +327,8 @@ class Trainer:
         self.best_state = ckpt["best"]["model"]
         self.bad_epochs = ckpt["bad_epochs"]
         self.prior_seconds = ckpt["wall_seconds"]
-        set_rng_state(ckpt["rng"])  # last: building the model above drew random numbers
+        # last: building the model above drew random numbers; on several processes, each its own
+        set_rng_state(ckpt["rng_ranks"][self.world.rank] if "rng_ranks" in ckpt else ckpt["rng"])
 
     # --- the loop -----------------------------------------------------------------------
     @property
@@ -288,10 +340,12 @@ class Trainer:
 
         The bound is IWEM's :attr:`~pyro_iwem.infer.IWEM.bound` (the IWAE bound of its E-step
         particles, per datum): IWEM's loss is −Q̂_α, not a bound, so the bar shows the bound
-        to set beside IWAE's loss."""
+        to set beside IWAE's loss. On several processes each steps on its share of every batch,
+        its data plate of the share's size × the number of processes (the mean of the
+        processes' gradients is then the whole batch's), and the numbers are the whole batch's."""
         from tqdm.auto import tqdm
 
-        s, method = self.settings, self.method
+        s, method, world = self.settings, self.method, self.world
         alpha = method.alpha
         masked = bool(s.missing_patches)
         batches = self.data.batches(
@@ -302,7 +356,7 @@ class Trainer:
             batches,
             total=total,
             desc=f"epoch {self.epoch + 1}/{s.epochs}",
-            disable=self.quiet,
+            disable=self.quiet or not world.main,
             leave=False,
             dynamic_ncols=True,
             file=sys.stderr,
@@ -314,19 +368,25 @@ class Trainer:
             else "no epoch had finished, so nothing was saved (try a smaller --lr)"
         )
         for step, batch in enumerate(bar, 1):
+            share = world.share(batch)
+            n, size = (len(batch[0]), len(share[0])) if masked else (len(batch), len(share))
+            kwargs = {"data_size": world.size * size} if world.distributed else {}
             try:
-                loss = method.step(*batch) if masked else method.step(batch)
+                loss = method.step(*share, **kwargs) if masked else method.step(share, **kwargs)
             except ValueError as e:  # the method's refusal (NaN gradients) or torch's check of a parameter
                 bar.close()
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise TrainingDiverged(f"training stopped in epoch {self.epoch + 1} at step {step}: {reason}; {kept}") from None
+            ess, bound = method.ess, method.bound
+            if world.distributed:  # the whole batch's: the loss summed, the ESS and the bound averaged
+                loss, ess, bound = world.sum(loss / world.size, ess * size / n, bound * size / n)
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(f"the training loss became {loss} in epoch {self.epoch + 1}; {kept}")
             loss_sum += loss
-            count += len(batch[0]) if masked else len(batch)
-            means["ESS"].add(method.ess)
-            means["bound"].add(method.bound)
+            count += n
+            means["ESS"].add(ess)
+            means["bound"].add(bound)
             postfix = {"loss": f"{loss_sum / count:.3f}"}
             if alpha is not None:
                 postfix["α"] = f"{alpha:.2f}"
@@ -340,15 +400,15 @@ class Trainer:
         with torch.no_grad():
             return mean_log_likelihood(
                 self.model, self.data, "valid", s.valid_K, s.eval_batch_size, self.device,
-                s.score_inflation, gib(s.eval_memory),
+                s.score_inflation, gib(s.eval_memory), self.world,
             )
 
     def record_variance(self):
         """The history's variance entries after an epoch (``--record-variance N``): the mean
         and median over the first N training images of the per-datum variances of eqs. (2) and
         (3) at the current parameters, in a random stream of their own (training is unchanged);
-        empty without the option."""
-        if self.variance_inputs is None:
+        empty without the option (and on every process but process 0 of several)."""
+        if self.variance_inputs is None or not self.world.main:
             return {}
         s = self.settings
         start = time.perf_counter()
@@ -359,6 +419,10 @@ class Trainer:
         return summary(variances) | {"variance_seconds": time.perf_counter() - start}
 
     def save_checkpoint(self, wall_seconds):
+        """Writes the checkpoint (process 0), with every process's random state."""
+        rng = self.world.gather(rng_state())
+        if not self.world.main:
+            return
         atomic_torch_save(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -372,7 +436,8 @@ class Trainer:
                 "bad_epochs": self.bad_epochs,
                 "history": self.history,
                 "wall_seconds": wall_seconds,
-                "rng": rng_state(),
+                "rng": rng[0],
+                "rng_ranks": rng,
             },
             self.run_dir / CHECKPOINT,
         )
@@ -397,11 +462,13 @@ class Trainer:
             metrics = read_json(self.run_dir / METRICS)
             self.log(f"{self.run_dir} is already finished (epoch {self.epoch}); nothing to do")
             return metrics
-        (self.run_dir / METRICS).unlink(missing_ok=True)  # present only for finished runs
+        main = self.world.main
+        if main:
+            (self.run_dir / METRICS).unlink(missing_ok=True)  # present only for finished runs
         if self.epoch:
             self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
-        scalar_log = ScalarLog(self.run_dir, self.history) if s.tensorboard else None
-        listeners = self.on_epoch + ([scalar_log.add] if scalar_log else [])
+        scalar_log = ScalarLog(self.run_dir, self.history) if s.tensorboard and main else None
+        listeners = (self.on_epoch + ([scalar_log.add] if scalar_log else [])) if main else []
         while not self.done:
             epoch_start = time.perf_counter()
             loss, ess, alpha, bound = self.train_epoch()
@@ -455,20 +522,11 @@ class Trainer:
         with torch.no_grad():
             test_ll = test_log_likelihood(
                 self.model, data, s.eval_K, s.seed, s.eval_batch_size, self.device, s.score_inflation,
-                gib(s.eval_memory),
+                gib(s.eval_memory), self.world,
             )
         eval_seconds = time.perf_counter() - eval_start
-        pyro.set_rng_seed(s.seed)
-        save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
-        title = f"{s.dataset} {s.model} {s.method} K={s.K} J={s.J} seed={s.seed}"
-        if s.missing_patches:
-            title += f", {s.missing_patches} patches missing"
-        save_learning_curve(self.history, self.run_dir / CURVE, title)
-        if s.missing_patches:
-            pyro.set_rng_seed(s.seed)
-            with torch.no_grad():
-                columns = completions(self.model, data, s.method, s.missing_patches, s.data_seed, device=self.device)
-            save_completion_grid(columns, data.image_shape, self.run_dir / COMPLETIONS, title)
+        if self.world.main:
+            self._save_pictures()
         sizes = data.sizes()
         epoch_seconds = [h["seconds"] for h in self.history]
         metrics = {
@@ -498,8 +556,26 @@ class Trainer:
                 self.history, len(self.variance_inputs[0]) if self.variance_inputs else None, s.variance_repeats, s.K
             ),
         }
-        atomic_write_json(metrics, self.run_dir / METRICS)
+        if self.world.main:
+            atomic_write_json(metrics, self.run_dir / METRICS)
         return metrics
+
+    def _save_pictures(self):
+        """The sample grid, the learning curve and, with missing data, the completions."""
+        s, data = self.settings, self.data
+        pyro.set_rng_seed(s.seed)
+        save_image_grid(self.model.sample(64), data.image_shape, self.run_dir / SAMPLES)
+        title = f"{s.dataset} {s.model} {s.method} K={s.K} J={s.J} seed={s.seed}"
+        if s.missing_patches:
+            title += f", {s.missing_patches} patches missing"
+        if self.world.distributed:
+            title += f", {self.world.size} processes"
+        save_learning_curve(self.history, self.run_dir / CURVE, title)
+        if s.missing_patches:
+            pyro.set_rng_seed(s.seed)
+            with torch.no_grad():
+                columns = completions(self.model, data, s.method, s.missing_patches, s.data_seed, device=self.device)
+            save_completion_grid(columns, data.image_shape, self.run_dir / COMPLETIONS, title)
 
 
 def summary_line(metrics, run_dir):

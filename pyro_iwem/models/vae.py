@@ -33,6 +33,12 @@ class VAE(nn.Module):
     ``x_unobserved`` / deterministic ``x`` with a mask). The guide ignores ``mask``: the
     caller fills in the missing entries of ``x`` before calling it.
 
+    ``data_size`` (optional, both programs) is the size of the minibatch that ``x`` is one
+    process's share of (a run on several processes, docs/scaling.md): the data plate is then
+    ``pyro.plate("data", data_size, subsample=...)``, its log-densities scaled by
+    ``data_size / B`` outside the per-datum importance weights, so that every process's loss
+    stands for the whole minibatch.
+
     Both accept an outer vectorised particle plate (``pyro.plate("particles", N, dim=-2)``):
     latents then have shape ``(N, B, z_dim)`` and the decoder sees those leading dims.
 
@@ -76,15 +82,24 @@ class VAE(nn.Module):
         return dist.Normal(loc, scale).to_event(1)
 
     # --- Pyro model and guide ---------------------------------------------------------
-    def model(self, x, mask=None):
+    @staticmethod
+    def data_plate(x, data_size=None):
+        """The data plate over the ``B = x.shape[-2]`` rows of ``x``: of size ``data_size``
+        with those ``B`` as its subsample when given, so scaled by ``data_size / B``."""
+        batch = x.shape[-2]
+        if data_size is None or data_size == batch:
+            return pyro.plate("data", batch)
+        return pyro.plate("data", data_size, subsample=torch.arange(batch, device=x.device))
+
+    def model(self, x, mask=None, data_size=None):
         pyro.module("decoder", self.decoder)
-        with pyro.plate("data", x.shape[-2]):
+        with self.data_plate(x, data_size):
             z = pyro.sample("z", self._prior(x, self.z_dim))
             observe_masked("x", self.likelihood(z), x, mask, event_dim=1)
 
-    def guide(self, x, mask=None):
+    def guide(self, x, mask=None, data_size=None):
         pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[-2]):
+        with self.data_plate(x, data_size):
             pyro.sample("z", self._proposal(*self.encode(x)))
 
     @torch.no_grad()
@@ -192,16 +207,16 @@ class MLPVAE2(VAE):
         """``z1 (..., z1_dim) -> (..., D)`` Bernoulli logits."""
         return self.decoder["x"](z1)
 
-    def model(self, x, mask=None):
+    def model(self, x, mask=None, data_size=None):
         pyro.module("decoder", self.decoder)
-        with pyro.plate("data", x.shape[-2]):
+        with self.data_plate(x, data_size):
             z2 = pyro.sample("z2", self._prior(x, self.z2_dim))
             z1 = pyro.sample("z1", dist.Normal(*self.decoder["z1"](z2)).to_event(1))
             observe_masked("x", self.likelihood(z1), x, mask, event_dim=1)
 
-    def guide(self, x, mask=None):
+    def guide(self, x, mask=None, data_size=None):
         pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[-2]):
+        with self.data_plate(x, data_size):
             z1 = pyro.sample("z1", self._proposal(*self.encoder["z1"](x)))
             pyro.sample("z2", self._proposal(*self.encoder["z2"](z1)))
 
