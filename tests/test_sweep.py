@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pyro_iwem.experiments.cli import main
+from pyro_iwem.experiments.errors import RunError
 from pyro_iwem.experiments.sweep import ATTEMPT, ProgressBoard, Sweep, import_ray, sweep_runs
 
 ray = pytest.importorskip("ray")
@@ -207,3 +208,25 @@ def test_tensorboard_scalars_are_the_history_once_each_across_a_resume(tmp_path)
         assert [v for _, v in events[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
     # the first run's test LL (at epoch 1) was cleared with the rewrite; the resumed run's is at epoch 3
     assert events["test_ll"] == [(3, pytest.approx(metrics["test_ll"], rel=1e-6))]
+
+
+def test_two_gpus_per_run_train_one_run_on_two_processes(tmp_path, capsys):
+    """--gpus-per-run 2 launches each run under torchrun on two processes (here a Ray cluster
+    that declares 2 GPUs on a machine without any: the processes fall back to CPU and gloo)."""
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    try:
+        runs = sweep_runs(["digits-8x8"], ["mlp"], ["iwem"], [1], [5], [5])
+        extra = ["--epochs", "2", "--eval-K", "20", "--valid-K", "5", "--quiet"]
+        failed = Sweep(runs, tmp_path, extra, cpus_per_run=2, gpus_per_run=2, interval=5).run()
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert failed == 0, out
+    assert "torch.distributed.run --standalone --nproc_per_node 2 -m pyro_iwem train" in out
+    metrics = json.loads(next(tmp_path.glob("*/metrics.json")).read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 2 and metrics["threads"] == 1
+
+
+def test_gpus_per_run_above_one_must_be_whole(tmp_path):
+    with pytest.raises(RunError, match="--gpus-per-run 1.5: above 1 it must be a whole number"):
+        Sweep(sweep_runs(["digits-8x8"], ["mlp"], ["iwae"], [1], [5], [5]), tmp_path, gpus_per_run=1.5)

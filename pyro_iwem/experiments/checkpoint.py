@@ -104,7 +104,7 @@ def _first_line(error):
     return lines[0].split(". ")[0].rstrip(".")
 
 
-def _epoch_of(path):
+def epoch_of(path):
     """The epoch of a readable ``best.pt`` or ``checkpoint.pt``, else ``None``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
@@ -118,7 +118,7 @@ def intact_advice(path):
     if path.name not in (CHECKPOINT, BEST):
         return "remove it to compute it afresh"
     other = BEST if path.name == CHECKPOINT else CHECKPOINT
-    epoch = _epoch_of(run_dir / other)
+    epoch = epoch_of(run_dir / other)
     if epoch is None:
         return f"no other file of the run is intact: start it over with `pyro-iwem train ... --out {run_dir} --force`"
     if other == BEST:

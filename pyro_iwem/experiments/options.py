@@ -307,7 +307,8 @@ def add_sweep_parser(subparsers):
     p.add_argument("--cpus-per-run", type=positive_float, default=1.0,
                    help="CPUs reserved per run, also its torch threads unless --threads is given (default 1)")
     p.add_argument("--gpus-per-run", type=nonneg_float, default=0.0,
-                   help="GPUs per run; a fraction lets runs share a GPU, e.g. 0.25 puts four MLP runs on one (default 0)")
+                   help="GPUs per run; a fraction lets runs share a GPU, e.g. 0.25 puts four MLP runs on one; a whole number P "
+                   "> 1 trains each run on P processes, one GPU each, under torchrun (docs/scaling.md) (default 0)")
     p.add_argument("--max-retries", type=nonneg_int, default=3,
                    help="retries of a run whose worker or node died; each continues from the run's checkpoint (default 3)")
     p.add_argument("--interval", type=positive_float, default=30.0,

@@ -28,11 +28,14 @@ import logging
 import os
 import pathlib
 import shlex
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 
-from .checkpoint import METRICS, atomic_path, atomic_write_json, read_json
+from .checkpoint import CHECKPOINT, METRICS, epoch_of, atomic_path, atomic_write_json, read_json
 from .errors import RunError
 from .options import TrainConfig
 from .setup import USES_J, run_name
@@ -72,9 +75,16 @@ def train_argv(run, run_dir, extra_argv=()):
     ]  # fmt: skip
 
 
-def train_command(run, run_dir, extra_argv=()):
+def train_command(run, run_dir, extra_argv=(), processes=1):
     """The shell command that trains one run by itself, as the sweep's task does."""
-    return [sys.executable, "-m", "pyro_iwem", *train_argv(run, run_dir, extra_argv)]
+    return pyro_iwem_command(train_argv(run, run_dir, extra_argv), processes)
+
+
+def pyro_iwem_command(argv, processes=1):
+    """``python -m pyro_iwem ARGV``, on ``processes`` processes of this machine under ``torchrun``
+    when more than one."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [sys.executable, *(torchrun if processes > 1 else []), "-m", "pyro_iwem", *argv]
 
 
 #: The logger of Ray's token-authentication set-up.
@@ -161,6 +171,27 @@ def train_config(argv):
         raise RunError(f"bad train arguments: {shlex.join(argv)}") from None
 
 
+def _start_attempt(run_dir):
+    """Records a new attempt of the run in ``RUN_DIR/attempt.json``; returns it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    attempt = {"attempt": _next_attempt(run_dir), "host": socket.gethostname(), "pid": os.getpid()}
+    atomic_write_json(attempt | {"started": datetime.datetime.now().isoformat(timespec="seconds")}, run_dir / ATTEMPT)
+    return attempt
+
+
+def processes_per_run(gpus_per_run):
+    """The processes of one run given its GPUs: 1 for at most one GPU (a fraction shares one), P
+    for a whole number P > 1 (one GPU each); a :class:`RunError` for another number above 1."""
+    if gpus_per_run <= 1:
+        return 1
+    if gpus_per_run != int(gpus_per_run):
+        raise RunError(
+            f"--gpus-per-run {gpus_per_run:g}: above 1 it must be a whole number, the processes of one run on as "
+            "many GPUs (torchrun); use at most 1 to share GPUs between runs"
+        )
+    return int(gpus_per_run)
+
+
 def train_task(settings, name, board):
     """One run, in a Ray worker: ``train`` with ``settings`` (a :class:`~.options.TrainConfig`)
     in this process, reporting to ``board`` (a :class:`ProgressBoard` actor) once set up and
@@ -168,10 +199,7 @@ def train_task(settings, name, board):
     ``RUN_DIR/attempt.json`` first."""
     from .train import Trainer
 
-    run_dir = pathlib.Path(settings.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attempt = {"attempt": _next_attempt(run_dir), "host": socket.gethostname(), "pid": os.getpid()}
-    atomic_write_json(attempt | {"started": datetime.datetime.now().isoformat(timespec="seconds")}, run_dir / ATTEMPT)
+    attempt = _start_attempt(pathlib.Path(settings.out))
 
     def report_epoch(record):
         board.report.remote(name, epoch=record["epoch"], valid_ll=record["valid_ll"])
@@ -179,6 +207,40 @@ def train_task(settings, name, board):
     trainer = Trainer(settings, on_epoch=[report_epoch]).prepare()
     board.report.remote(name, state="running", epoch=trainer.epoch, epochs=trainer.settings.epochs, **attempt)
     return trainer.run()
+
+
+def distributed_train_task(settings, argv, name, board, processes, poll=5.0):
+    """One run on ``processes`` processes, in a Ray worker that holds as many GPUs: ``torchrun
+    --standalone --nproc_per_node P -m pyro_iwem train ARGV`` as its child (one run on several
+    processes, docs/scaling.md; each process takes the GPU of its local rank among those Ray gave
+    the worker, ``CUDA_VISIBLE_DEVICES``), reporting the checkpoint's epoch to ``board`` every
+    ``poll`` seconds; returns the run's metrics. The child dies with the worker (a retried attempt
+    resumes from the checkpoint); a run that fails by itself raises a :class:`RunError` with the
+    end of its error output."""
+    run_dir = pathlib.Path(settings.out)
+    attempt = _start_attempt(run_dir)
+    board.report.remote(name, state="running", epoch=epoch_of(run_dir / CHECKPOINT) or 0,
+                        epochs=settings.epochs, processes=processes, **attempt)  # fmt: skip
+    command = pyro_iwem_command(argv, processes)
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=_end_with_parent)
+        while child.poll() is None:
+            time.sleep(poll)
+            board.report.remote(name, epoch=epoch_of(run_dir / CHECKPOINT) or 0)
+        if child.returncode:
+            errors.seek(0)
+            tail = " ".join(errors.read().decode(errors="replace").split()[-120:])
+            raise RunError(f"{shlex.join(command)} exited with {child.returncode}: ... {tail}")
+    return read_json(run_dir / METRICS)
+
+
+def _end_with_parent():
+    """In a child, before it runs: a SIGTERM when its parent (the Ray worker) dies (Linux), which
+    torchrun passes on to its processes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Sweep:
@@ -190,7 +252,9 @@ class Sweep:
         ``--threads`` from ``cpus_per_run`` unless given.
     :param address: a Ray cluster's address, or ``None`` to start Ray on this machine.
     :param float cpus_per_run: CPUs reserved per run (also its torch threads).
-    :param float gpus_per_run: GPUs per run, fractional to let runs share a GPU.
+    :param float gpus_per_run: GPUs per run: a fraction (at most 1) lets runs share a GPU; a whole
+        number P > 1 makes each run one run on P processes, one GPU each, under ``torchrun``
+        (:func:`distributed_train_task`); another number above 1 is refused.
     :param int max_retries: retries of a run whose worker died.
     :param float interval: seconds between summaries while nothing finishes.
     :param str metric: the metric of the final table.
@@ -213,8 +277,9 @@ class Sweep:
         self.sweep_dir = pathlib.Path(os.path.abspath(sweep_dir))  # absolute, without ".." in it
         self.names = [run_name(**run) for run in runs]
         self.extra_argv = list(extra_argv)
-        if "--threads" not in self.extra_argv:
-            self.extra_argv += ["--threads", str(max(1, int(cpus_per_run)))]
+        self.processes = processes_per_run(gpus_per_run)
+        if "--threads" not in self.extra_argv:  # the run's CPUs shared by its processes
+            self.extra_argv += ["--threads", str(max(1, int(cpus_per_run) // self.processes))]
         if "--quiet" not in self.extra_argv:
             self.extra_argv.append("--quiet")
         self.address = address
@@ -233,6 +298,10 @@ class Sweep:
 
     def argv(self, run, name):
         return train_argv(run, self.sweep_dir / name, self.extra_argv)
+
+    def command(self, run, name):
+        """The shell command that trains one run by itself, as its task does."""
+        return train_command(run, self.sweep_dir / name, self.extra_argv, self.processes)
 
     # --- running ------------------------------------------------------------------------
     def run(self, fail_fast=False):
@@ -287,12 +356,14 @@ class Sweep:
             max_retries=self.max_retries,
             retry_exceptions=False,
             max_calls=1,  # a fresh process per run: no state carried between runs
-        )(train_task)
+        )(train_task if self.processes == 1 else distributed_train_task)
         settings = {name: train_config(self.argv(run, name)) for run, name in todo}  # all checked before any runs
         pending = {}
         for run, name in todo:
-            self.print(f"submit {name}: {shlex.join(train_command(run, self.sweep_dir / name, self.extra_argv))}")
-            pending[task.options(name=name).remote(settings[name], name, board)] = name
+            self.print(f"submit {name}: {shlex.join(self.command(run, name))}")
+            args = (settings[name], name, board) if self.processes == 1 else (
+                settings[name], self.argv(run, name), name, board, self.processes)  # fmt: skip
+            pending[task.options(name=name).remote(*args)] = name
         last_summary = 0.0
         try:
             while pending:
@@ -365,6 +436,6 @@ def run_sweep(runs, sweep_dir, extra_argv=(), dry_run=False, fail_fast=False, **
     sweep = Sweep(runs, sweep_dir, extra_argv, **options)
     if dry_run:
         for i, (run, name) in enumerate(zip(runs, sweep.names), 1):
-            sweep.print(f"[{i}/{len(runs)}] {shlex.join(train_command(run, sweep.sweep_dir / name, sweep.extra_argv))}")
+            sweep.print(f"[{i}/{len(runs)}] {shlex.join(sweep.command(run, name))}")
         return 0
     return sweep.run(fail_fast)
