@@ -1,9 +1,11 @@
 """``table`` never pools runs of different settings or counts one run twice; ``--max-eval``
 takes a seeded random subset of the validation and test images."""
 
+import pytest
 import torch
 
 from pyro_iwem.experiments.setup import TRAIN_DEFAULTS, load_data
+from pyro_iwem.experiments.errors import RunError
 from pyro_iwem.experiments.table import format_table
 
 BASE = {"method": "iwem", "dataset": "static-mnist", "model": "mlp", "K": 5, "J": 5, "L": 1, "protocol": "paper"}
@@ -73,3 +75,21 @@ def test_a_run_records_its_random_eval_subset(tmp_path):
     assert main(argv) == 0
     assert json.loads((out / "metrics.json").read_text())["eval_subset"] == "random"
     assert torch_load(out / "best.pt")["config"]["eval_subset"] == "random"
+
+
+def test_differences_to_a_method_use_the_pooled_seed_deviation_and_the_paper_sits_beside():
+    caltech = {**BASE, "dataset": "caltech101", "K": 50, "J": 50}
+    runs = [{**caltech, "seed": s, "test_ll": v} for s, v in zip((1, 2, 3), (-121.0, -122.0, -121.5))]  # iwem
+    runs += [{**caltech, "method": "iwae", "seed": s, "test_ll": v} for s, v in zip((1, 2), (-123.0, -122.0))]
+    runs += [{**caltech, "method": "stl", "seed": 1, "test_ll": -121.2}]  # one seed
+    table = format_table(runs, against="iwem", paper=True)
+    # pooled: (2 * 0.25 + 1 * 0.5) / 3 d.f. -> s = sqrt(1/3) = 0.577
+    assert "s = 0.58 (3 d.f.)" in table
+    difference = table.split("**difference to iwem**")[1].split("**wall-clock")[0]
+    assert "| iwae | -1.00 (0.53) |" in difference  # -122.5 + 121.5; 0.577 * sqrt(1/2 + 1/3)
+    assert "| stl | +0.30 (0.67) |" in difference  # 0.577 * sqrt(1 + 1/3)
+    assert "| iwem |" not in difference
+    assert "| iwae | -122.50 ± 0.71 (2) | -124.31 |" in table and "| stl | -121.20 (1) |  |" in table
+    assert "caltech101 / mlp | paper |" in table
+    with pytest.raises(RunError, match="--against dreg: no run of that method"):
+        format_table(runs, against="dreg")

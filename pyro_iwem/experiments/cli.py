@@ -60,7 +60,7 @@ def cmd_table(args):
     from .checkpoint import atomic_path
     from .table import table_of_paths
 
-    table = table_of_paths(args.paths, metric=args.metric, fmt=args.format)
+    table = table_of_paths(args.paths, metric=args.metric, fmt=args.format, against=args.against, paper=args.paper)
     print(table)
     if args.curves:
         from .table import save_curves_of_paths

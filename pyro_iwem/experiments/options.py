@@ -243,6 +243,10 @@ def add_table_parser(subparsers):
     p.add_argument("--metric", default="test_ll", help="a numeric key of metrics.json (default test_ll)")
     p.add_argument("--output", metavar="FILE", help="also write the table to FILE")
     p.add_argument("--curves", metavar="PNG", help="also plot each method's validation curve (mean over runs)")
+    p.add_argument("--against", metavar="METHOD", help="also tabulate each method's difference to METHOD's runs "
+                   "(e.g. iwem) with its standard error, from the seed deviation pooled over the column's methods")
+    p.add_argument("--paper", action="store_true",
+                   help="put the paper's Table 1 beside each column (its MLP and CNN columns; columns name their model)")
 
 
 def figure_numbers(text):

@@ -34,6 +34,23 @@ SETTING_KEYS = tuple(
 #: labelled with it
 RESULT_KEYS = ("max_epochs", "patience", "eval_K", "steps", "impute_K", "missing_rate", "likelihood", "z_dim")
 
+#: The paper's Table 1 (test log-likelihood, nats, mean of 5 runs): ``(dataset, model) -> {method: value}``
+PAPER_TABLE_1 = {
+    ("static-mnist", "mlp"): {"iwae": -88.86, "iwem-woo": -87.97, "iwem-woa": -87.59, "iwem": -87.71},
+    ("dynamic-mnist", "mlp"): {"iwae": -87.64, "stl": -87.43, "dreg": -87.76, "iwem-woo": -86.99,
+                               "iwem-woa": -86.61, "iwem": -86.68},
+    ("omniglot", "mlp"): {"iwae": -107.23, "stl": -106.40, "dreg": -106.70, "iwem-woo": -106.59,
+                          "iwem-woa": -106.5, "iwem": -106.20},
+    ("caltech101", "mlp"): {"iwae": -124.31, "iwem-woo": -123.66, "iwem-woa": -124.19, "iwem": -123.50},
+    ("static-mnist", "cnn"): {"vae": -84.63, "iwae": -83.54, "iwem-woo": -83.84, "iwem-woa": -83.32, "iwem": -83.77},
+    ("dynamic-mnist", "cnn"): {"vae": -84.08, "iwae": -81.56, "iwem-woo": -81.32, "iwem-woa": -81.07,
+                               "iwem": -81.28},
+    ("omniglot", "cnn"): {"vae": -101.63, "iwae": -100.27, "iwem-woo": -100.24, "iwem-woa": -100.15,
+                          "iwem": -100.39},
+    ("caltech101", "cnn"): {"vae": -109.24, "iwae": -106.94, "iwem-woo": -106.65, "iwem-woa": -106.19,
+                            "iwem": -106.05},
+}  # fmt: skip
+
 
 def find_metrics(paths):
     """``[(path, metrics)]`` of the ``metrics.json`` files named by ``paths``: a file, a run
@@ -222,9 +239,13 @@ def _markdown(header, body):
     return "\n".join(lines)
 
 
-def format_table(metrics_list, metric="test_ll", fmt="markdown"):
-    """The table of ``metrics_list`` (dicts from ``metrics.json``) as a string."""
-    rows, cols, cells, skipped = summarize(metrics_list, metric, *((True, True) if fmt == "csv" else (None, None)))
+def format_table(metrics_list, metric="test_ll", fmt="markdown", against=None, paper=False):
+    """The table of ``metrics_list`` (dicts from ``metrics.json``) as a string; in markdown, with
+    ``against`` (a method) a table of each row's difference to that method's row
+    (:func:`differences`), and with ``paper`` the paper's Table 1 beside each column
+    (:data:`PAPER_TABLE_1`; columns then name their model)."""
+    with_model = True if fmt == "csv" or paper else None
+    rows, cols, cells, skipped = summarize(metrics_list, metric, True if fmt == "csv" else None, with_model)
     if not cells:
         raise RunError(f"no run has a finite {metric!r} in its metrics")
     if fmt == "csv":
@@ -248,6 +269,10 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
     header = ["method"] + [_col_label(c) for c in cols]
     digits = 2 if max(abs(v) for cell in cells.values() for v in cell["values"]) >= 10 else 3  # nats vs MSE
     body = [[_row_label(r)] + [format_cell(cells[r, c]["values"], digits) if (r, c) in cells else "" for c in cols] for r in rows]
+    if paper:
+        header = [header[0]] + [h for c in cols for h in (_col_label(c), "paper")]
+        body = [[line[0]] + [v for c, cell in zip(cols, line[1:]) for v in (cell, _paper_cell(r, c))]
+                for r, line in zip(rows, body)]  # fmt: skip
     wall = [
         [_row_label(r)]
         + [format_seconds(statistics.fmean(cells[r, c]["wall"])) if (r, c) in cells and cells[r, c]["wall"] else "" for c in cols]
@@ -258,10 +283,14 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
         f"**{metric}**" + (f" ({what})" if what else "") + ": mean ± std (number of runs)",
         "",
         _markdown(header, body),
+    ]
+    if against is not None:
+        parts += ["", *_differences_table(rows, cols, cells, against, digits)]
+    parts += [
         "",
         "**wall-clock time per run** (mean)",
         "",
-        _markdown(header, wall),
+        _markdown(["method"] + [_col_label(c) for c in cols], wall),
     ]
     settings = _settings(metrics_list)
     if settings:
@@ -274,6 +303,57 @@ def format_table(metrics_list, metric="test_ll", fmt="markdown"):
     if copies:
         parts += [f"\n({copies} copy(ies) of a run already tabled (same settings and seed) left out)"]
     return "\n".join(parts)
+
+
+def _paper_cell(row, col):
+    dataset, model, patches = col
+    value = None if patches else PAPER_TABLE_1.get((dataset, model), {}).get(row[0])
+    return "" if value is None else f"{value:.2f}"
+
+
+def pooled_std(cells, col):
+    """``(s, degrees of freedom)``: the standard deviation over seeds pooled over the rows of
+    column ``col`` that have two runs or more, :math:`s^2 = \\sum_r (n_r - 1) s_r^2 / \\sum_r (n_r - 1)`."""
+    groups = [cell["values"] for (_, c), cell in cells.items() if c == col and len(cell["values"]) > 1]
+    dof = sum(len(v) - 1 for v in groups)
+    if not dof:
+        return math.nan, 0
+    return math.sqrt(sum((len(v) - 1) * statistics.variance(v) for v in groups) / dof), dof
+
+
+def differences(rows, cols, cells, against):
+    """``{(row, col): (difference, standard error)}``: each row's mean minus the mean of the row of
+    method ``against`` with the same K and settings, in the same column; the standard error
+    :math:`s \\sqrt{1/n + 1/n_{against}}` with :math:`s` the column's :func:`pooled_std`, so that a
+    method run with one seed has one too."""
+    found = {}
+    for col in cols:
+        s, _ = pooled_std(cells, col)
+        for row in rows:
+            ref = (against, row[1], row[2] if against in USES_J else None, row[3])
+            if (row, col) not in cells or (ref, col) not in cells or ref == row:
+                continue
+            values, base = cells[row, col]["values"], cells[ref, col]["values"]
+            found[row, col] = (statistics.fmean(values) - statistics.fmean(base),
+                               s * math.sqrt(1 / len(values) + 1 / len(base)))  # fmt: skip
+    return found
+
+
+def _differences_table(rows, cols, cells, against, digits):
+    """The markdown lines of :func:`differences`, titled, with each column's pooled deviation."""
+    if not any(r[0] == against for r in rows):
+        raise RunError(f"--against {against}: no run of that method among the tabled runs")
+    found = differences(rows, cols, cells, against)
+    cell = "{:+.%df} ({:.%df})" % (digits, digits)
+    body = [[_row_label(r)] + [cell.format(*found[r, c]) if (r, c) in found else "" for c in cols]
+            for r in rows if any((r, c) in found for c in cols)]  # fmt: skip
+    pooled = "; ".join(f"{_col_label(c)}: s = {s:.{digits}f} ({dof} d.f.)" for c in cols for s, dof in [pooled_std(cells, c)])
+    return [
+        f"**difference to {against}** (standard error), from the seed standard deviation pooled over each column's "
+        f"methods with two runs or more ({pooled})",
+        "",
+        _markdown(["method"] + [_col_label(c) for c in cols], body),
+    ]
 
 
 def _settings(metrics_list):
@@ -290,12 +370,12 @@ def _settings(metrics_list):
     return "Settings: " + ", ".join(items) if items else ""
 
 
-def table_of_paths(paths, metric="test_ll", fmt="markdown"):
+def table_of_paths(paths, metric="test_ll", fmt="markdown", against=None, paper=False):
     """:func:`format_table` of the runs found below ``paths``."""
     records = find_metrics(paths)
     if not records:
         raise RunError(f"no {METRICS} found in {', '.join(map(str, paths))}")
-    return format_table([m for _, m in records], metric, fmt)
+    return format_table([m for _, m in records], metric, fmt, against, paper)
 
 
 def save_curves_of_paths(paths, png):
