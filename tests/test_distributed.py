@@ -423,6 +423,7 @@ def test_two_processes_average_to_the_full_batch_gradient(runs, method):
                 worst = max(worst, relative_error(call[name], grad))
         for name, value in reference_params.items():
             worst = max(worst, relative_error(params[name], value))
+    print(f"{method}: worst relative error of the gradients and parameters {worst:.1e}")  # shown with -s
     assert worst < 1e-5, f"{method}: relative error {worst:.2e}"
     for name in reference_params:  # both processes apply the same averaged gradients: equal bit for bit
         assert torch.equal(exact[0][method][1][name], exact[1][method][1][name]), name
