@@ -4,7 +4,7 @@ E-step's variance.
 Where things go:
 
 * a new objective: a :class:`ParticleLoss` subclass in ``losses.py`` (its ``objectives`` on
-  :class:`Particles`, with ``objectives.py``), or a class beside :class:`IWEM` in ``iwem.py``;
+  :class:`Particles`, with ``objectives.py``), or an :class:`IWEM` subclass in ``variants.py``;
   what it needs of the graph is a :class:`DrawTransform` (``transforms.py``), gradient helpers
   are in ``grads.py``; then one ``MethodSpec`` in ``methods.py``'s ``SPECS``;
 * a new kind of site: a :class:`SiteRole`, a branch of ``classify`` and a row of ``TOTALS`` in
@@ -18,7 +18,8 @@ from .collective import StepRefused, collective_step
 from .evaluation import NestedBound, iwae_bound, nested_bound
 from .imputation import Imputer
 from .inflation import ProposalInflation, inflate
-from .iwem import IWEM, IWAEasEM, OnePassIWEM
+from .iwem import IWEM
+from .variants import IWAEasEM, OnePassIWEM
 from .losses import DReGLoss, IWAELoss, ParticleLoss, STLLoss, VAELoss
 from .masked import observe_masked
 from .methods import METHODS, MISSING_DATA_INPUTS, build_method

@@ -8,7 +8,8 @@ import pyro.optim
 from pyro.infer import SVI
 
 from .annealing import Annealing
-from .iwem import IWEM, IWAEasEM
+from .iwem import IWEM
+from .variants import IWAEasEM
 from .losses import DReGLoss, IWAELoss, STLLoss, VAELoss
 from .missing import ImputedInputs, ZeroFilledInputs
 
