@@ -224,14 +224,25 @@ def distributed_train_task(settings, argv, name, board, processes, poll=5.0):
     command = pyro_iwem_command(argv, processes)
     with tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, preexec_fn=_end_with_parent)
+        seen = None  # the checkpoint's mtime last read: a new epoch rewrites it
         while child.poll() is None:
             time.sleep(poll)
-            board.report.remote(name, epoch=epoch_of(run_dir / CHECKPOINT) or 0)
+            stamp = _mtime(run_dir / CHECKPOINT)
+            if stamp != seen:
+                seen = stamp
+                board.report.remote(name, epoch=epoch_of(run_dir / CHECKPOINT) or 0)
         if child.returncode:
             errors.seek(0)
             tail = " ".join(errors.read().decode(errors="replace").split()[-120:])
             raise RunError(f"{shlex.join(command)} exited with {child.returncode}: ... {tail}")
     return read_json(run_dir / METRICS)
+
+
+def _mtime(path):
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _end_with_parent():
