@@ -14,6 +14,11 @@ Two models whose latents lie outside the data plate, each trained by ``SVI`` wit
 The methods' steps are interleaved (one of each in turn, after a warm-up), so that a machine
 busy with other work slows them alike; the median step of each is reported with its ratio to
 ``Trace_ELBO``'s. Target (issue 20): ``IWAELoss`` at K = 1 within 1.5× of ``Trace_ELBO``.
+
+``--nested M ...`` times instead one gradient of the nested bound over M draws of μ on the
+random-effects model (full batch, ``--K`` particles each): ``IWAELoss(K, global_particles=M)``,
+whose M draws are one outer plate, against M calls of the sampler (one draw of μ each, the
+implementation before the plate) and a plain-PyTorch nested bound written by hand, side by side.
 """
 
 import argparse
@@ -31,7 +36,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions import constraints
 
-from pyro_iwem.infer import IWEM, IWAELoss
+from pyro_iwem.infer import IWEM, IWAELoss, ParticleSampler
+from pyro_iwem.infer.objectives import iwae_objective, nested_outer_bound, nested_terms
 
 
 def _example():
@@ -103,6 +109,72 @@ def measure(name, steps, warmup, ks):
     return {m: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for m, t in times.items()}
 
 
+def nested_gradients(x, M, K):
+    """``{name: fn}``, each fn one loss and gradient of the nested bound over M draws of μ."""
+    sampler = ParticleSampler(random_effects_model, random_effects_guide)
+    loss = IWAELoss(K, global_particles=M)
+    loss.loss(random_effects_model, random_effects_guide, x)  # creates the parameters
+
+    def plate():
+        value = loss.loss_and_grads(random_effects_model, random_effects_guide, x)
+        _clear_grads()
+        return value
+
+    def calls():
+        draws = [sampler(K, (x,), {}) for _ in range(M)]
+        bound = nested_outer_bound(nested_terms(draws, iwae_objective))
+        (-bound).backward()
+        _clear_grads()
+        return -bound.item()
+
+    store = pyro.get_param_store()
+    leaves = {n: store[n].unconstrained().detach().clone().requires_grad_() for n in ("q_m", "q_s", "q_a", "q_b", "q_c", "tau")}
+
+    def by_hand():
+        m, a, b = leaves["q_m"], leaves["q_a"], leaves["q_b"]
+        s, c, tau = leaves["q_s"].exp(), leaves["q_c"].exp(), leaves["tau"].exp()
+        mu = m + s * torch.randn(M, 1, 1)
+        z = a * mu + b * x + c * torch.randn(M, K, len(x))
+        normal = torch.distributions.Normal
+        log_w = normal(mu, tau).log_prob(z) + normal(z, 0.5).log_prob(x) - normal(a * mu + b * x, c).log_prob(z)
+        outer = (normal(0.0, 1.0).log_prob(mu) - normal(m, s).log_prob(mu)).reshape(M)
+        terms = outer + (torch.logsumexp(log_w, 1) - torch.log(torch.tensor(float(K)))).sum(-1)
+        bound = torch.logsumexp(terms, 0) - torch.log(torch.tensor(float(M)))
+        (-bound).backward()
+        for t in leaves.values():
+            t.grad = None
+        return -bound.item()
+
+    return {"plain PyTorch": by_hand, f"IWAELoss, one plate of {M}": plate, f"{M} sampler calls": calls}
+
+
+def _clear_grads():
+    for p in pyro.get_param_store().values():
+        p.unconstrained().grad = None
+
+
+def measure_nested(Ms, K, steps, warmup):
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for M in Ms:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            (x,) = random_effects()[2]
+            methods = nested_gradients(x, M, K)
+            times = {m: [] for m in methods}
+            for i in range(warmup + steps):
+                for method, fn in methods.items():
+                    start = time.perf_counter()
+                    fn()
+                    if i >= warmup:
+                        times[method].append(time.perf_counter() - start)
+            base = statistics.median(times["plain PyTorch"])
+            results[f"M={M}"] = {m: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base}
+                                 for m, t in times.items()}  # fmt: skip
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
@@ -111,10 +183,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--nested", type=int, nargs="+", metavar="M", help="time the nested bound's gradient instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
-    for name in args.models:
+    if args.nested:
+        results = measure_nested(args.nested, args.K[-1], args.steps, args.warmup)
+        for name, found in results.items():
+            print(f"random-effects, nested bound over {name} draws of μ, K = {args.K[-1]}, N = 1000 "
+                  f"(median of {args.steps} interleaved gradients, {args.threads} thread(s)):")
+            for method, r in found.items():
+                print(f"  {method:26s} {r['ms']:8.2f} ms  {r['ratio']:6.2f}× plain PyTorch")
+    for name in args.models if not args.nested else ():
         results[name] = measure(name, args.steps, args.warmup, args.K)
         print(f"{name} (median of {args.steps} interleaved steps, {args.threads} thread(s)):")
         for method, r in results[name].items():

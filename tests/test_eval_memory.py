@@ -81,6 +81,8 @@ def test_particles_drawn_one_at_a_time_probe_the_budget_with_one():
             drawn.append(n)
             return call(n, *args, **kwargs)
 
+        draws = ParticleSampler.draws  # one draw of β: a counted call
+
         def __getattr__(self, name):
             return getattr(sampler, name)
 

@@ -259,6 +259,8 @@ class Spy:
         self.calls.append((kwargs.get("inflation"), particles))
         return particles
 
+    draws = ParticleSampler.draws  # one draw of β: a call of the spy
+
     def __getattr__(self, name):
         return getattr(self.sampler, name)
 

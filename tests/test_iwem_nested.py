@@ -42,12 +42,12 @@ class Recorder:
 
     def __init__(self, sampler):
         self.sampler = sampler
-        self.draws = []
+        self.recorded = []
 
-    def __call__(self, *args, **kwargs):
-        particles = self.sampler(*args, **kwargs)
-        self.draws.append(particles)
-        return particles
+    def draws(self, *args, **kwargs):
+        found = self.sampler.draws(*args, **kwargs)
+        self.recorded.extend(found)
+        return found
 
     def __getattr__(self, name):
         return getattr(self.sampler, name)
@@ -80,8 +80,8 @@ def by_hand(draws, x, params, live_guide):
     p = params
     out_l, out_p, out_q = [], [], []
     for d in draws:
-        mu = d.guide_trace.nodes["mu"]["value"].detach()
-        z = d.guide_trace.nodes["z"]["value"].detach()
+        mu = d.own(d.guide_trace.nodes["mu"]["value"]).detach().reshape(())
+        z = d.own(d.guide_trace.nodes["z"]["value"]).detach()
         if live_guide:
             eps = ((mu - p["q_m"]) / p["q_s"]).detach()
             eps_z = ((z - p["q_a"] * mu - p["q_b"] * x) / p["q_c"]).detach()
@@ -116,12 +116,12 @@ def test_one_sgd_step_moves_every_parameter_along_the_nested_bound_by_hand():
     iwem = IWEM(model, trainable_guide, K=6, J=6, annealing=None, global_particles=4, optim=pyro.optim.SGD({"lr": lr}))
     recorder = recording(iwem)
     iwem.evaluate_loss(x)  # creates the parameters (one E-step under no_grad)
-    recorder.draws.clear()
+    recorder.recorded.clear()
     before = {n: t.detach().clone() for n, t in unconstrained().items()}
     pyro.set_rng_seed(1)
     iwem.step(x)
-    e_draws, p_draws = recorder.draws[:4], recorder.draws[4:]
-    assert len(recorder.draws) == 8 and e_draws[0].global_sites == ("mu",)
+    e_draws, p_draws = recorder.recorded[:4], recorder.recorded[4:]
+    assert len(recorder.recorded) == 8 and e_draws[0].global_sites == ("mu",)
     moved = {n: (t.detach() - before[n]) / lr for n, t in unconstrained().items()}
 
     start = {n: t.clone().requires_grad_() for n, t in before.items()}  # θ_t, guide held at φ_t
@@ -172,7 +172,7 @@ def test_bound_is_nested_bound_on_the_same_seed_and_the_draws_by_hand():
     iwem = IWEM(model, trainable_guide, K=7, J=7, annealing=None, global_particles=5)
     recorder = recording(iwem)
     iwem.step(x)
-    by_hand_bound = nested(by_hand(recorder.draws[:5], x, constrained({n: t.detach() for n, t in
+    by_hand_bound = nested(by_hand(recorder.recorded[:5], x, constrained({n: t.detach() for n, t in
                                                                         _initial_params(x).items()}), False)[0])  # fmt: skip
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
@@ -208,7 +208,7 @@ def test_bound_is_above_the_m_1_bound_of_the_same_first_draw_in_expectation():
             recorder = recording(iwem)
             iwem.step(x)
             bounds.append(iwem.bound)
-            first.append(recorder.draws[0].global_latents[0].item())
+            first.append(recorder.recorded[0].own(recorder.recorded[0].global_latents[0]).item())
         assert first[0] == first[1]  # the same first β
         differences.append(bounds[1] - bounds[0])
     mean = sum(differences) / len(differences)
@@ -388,3 +388,143 @@ def test_training_moves_q_mu_to_the_exact_posterior_mean():
           f"last bound {iwem.bound:.5f}, log p(x; τ)/N {log_marginal(x, pyro.param('tau').item()).item() / 50:.5f} "
           f"(one draw: below it only in expectation); global ESS {global_ess:.2f} of 5")
     assert abs(m - mean) < 0.2 and s < 0.5 and abs(tau - tau_ml) < 0.05
+
+
+# ------------------------------------------------------------------ the outer plate of M draws
+def replayed_alone(sampler, draws, x, num_particles):
+    """Each of ``draws`` (one outer plate) drawn again by a call of ``sampler`` on its own β and
+    locals (:class:`ReplayGuide`): what one call per draw gives on the same values."""
+    from pyro import poutine
+    from pyro.poutine.util import site_is_subsample
+
+    from pyro_iwem.infer.transforms import ReplayGuide
+
+    alone = []
+    for d in draws:
+        trace = poutine.Trace()
+        for name, site in d.guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+                value = d.own(site["value"])
+                value = value.reshape(()) if name in d.global_sites else value
+                trace.add_node(name, type="sample", is_observed=False, value=value, infer={})
+        alone.append(sampler(num_particles, (x,), {}, grad_guide=False, transforms=[ReplayGuide(trace)]))
+    return alone
+
+
+def test_outer_plate_draws_every_beta_in_one_pass_and_each_draw_is_its_own_call():
+    """sampler.draws(M = 5, K = 3): guide and model run once for the five draws (an outer plate left
+    of the particle plate: μ is (5, 1, 1), z (5, 3, N)), the five μ differ, and each draw's log
+    weights and log p(β) − log q(β) equal, to 1e-12, one call of the sampler replaying that draw's
+    own μ and z (the one-call-per-draw implementation), and the draws by hand."""
+    from pyro_iwem.infer import ParticleSampler
+
+    x = data(12)
+    calls = []
+
+    def counted_guide(x, batch_size=None):
+        calls.append(1)
+        return trainable_guide(x, batch_size)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(21)
+    sampler = ParticleSampler(fixed_tau, counted_guide)
+    sampler(2, (x,), {}, grad_guide=False)  # the probe's run and a first draw
+    calls.clear()
+    draws = sampler.draws(5, 3, (x,), {}, grad_guide=False)
+    assert len(calls) == 1 and len(draws) == 5
+    mu, z = (draws[0].guide_trace.nodes[n]["value"] for n in ("mu", "z"))
+    assert mu.shape == (5, 1, 1) and z.shape == (5, 3, 12) and len(set(mu.flatten().tolist())) == 5
+    assert [d.log_w.shape for d in draws] == [(3, 12)] * 5 and [d.outer_index for d in draws] == list(range(5))
+    alone = replayed_alone(sampler, draws, x, 3)
+    for d, a in zip(draws, alone):
+        torch.testing.assert_close(d.log_w, a.log_w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(d.log_global_w, a.log_global_w, rtol=0, atol=1e-12)
+    params = {n: pyro.param(n).detach() for n in GUIDE_PARAMS} | {"tau": torch.tensor(TAU, dtype=F64)}
+    from pyro_iwem.infer.objectives import iwae_objective, nested_terms
+
+    torch.testing.assert_close(nested_terms(draws, iwae_objective), by_hand(draws, x, params, False)[0],
+                               rtol=0, atol=1e-10)  # fmt: skip
+
+
+def test_outer_plate_keeps_an_enumerated_local_per_draw_and_datum():
+    """A global μ beside an enumerated local switch c_i (summed out per datum): under the outer plate
+    of M = 4 draws each draw's log weights equal one call replaying its own μ and z, to 1e-12."""
+    from pyro_iwem.infer import ParticleSampler
+
+    x = data(10)
+
+    def switch_model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(torch.tensor(0.3, dtype=F64)), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(mu + c, TAU))
+            pyro.sample("x", dist.Normal(z, SIGMA), obs=x)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(22)
+    sampler = ParticleSampler(switch_model, trainable_guide)
+    draws = sampler.draws(4, 3, (x,), {}, grad_guide=False)
+    assert len(draws) == 4 and draws[0].log_p.shape == (3, 10)
+    for d, a in zip(draws, replayed_alone(sampler, draws, x, 3)):
+        torch.testing.assert_close(d.log_w, a.log_w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(d.log_global_w, a.log_global_w, rtol=0, atol=1e-12)
+
+
+def test_a_module_that_cannot_batch_its_globals_takes_one_call_per_draw_with_one_warning():
+    """examples/hierarchical.py's PyroModule regression (nn.Linear with PyroSample weights) fails
+    under the outer plate: IWAELoss(global_particles=3) warns once, naming the error, and takes the
+    three draws one call each; the loss is finite and the next step does not warn again."""
+    import importlib.util
+    import pathlib
+
+    from pyro.infer.autoguide import AutoNormal
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "hierarchical.py"
+    spec = importlib.util.spec_from_file_location("hierarchical_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(23)
+    x = torch.randn(40, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(40)
+    net = example.BayesianRegression(3)
+    guide = AutoNormal(net)
+    loss = IWAELoss(2, global_particles=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = loss.loss_and_grads(net, guide, x, y)
+        second = loss.loss_and_grads(net, guide, x, y)
+    plate = [str(w.message) for w in caught if "in one outer plate" in str(w.message)]
+    assert len(plate) == 1 and "t() expects a tensor" in plate[0], plate
+    assert math.isfinite(first) and math.isfinite(second) and 1.0 <= loss.global_ess <= 3.0
+
+
+def scalar_mu_model(x, batch_size=None):
+    """The random-effects model with μ reshaped to a scalar: it runs with one draw of μ and fails
+    under the outer plate of several (μ is then ``(M, 1, 1)``)."""
+    mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=F64), 1.0)).reshape(())
+    with pyro.plate("data", x.shape[0], subsample_size=batch_size) as i:
+        z = pyro.sample("z", dist.Normal(mu, TAU))
+        pyro.sample("x", dist.Normal(z, SIGMA), obs=x[i])
+
+
+@pytest.mark.parametrize("program", ["plate", "one call per draw", "particles one at a time"])
+def test_chunked_nested_bound_draws_every_chunk_given_the_same_betas(program):
+    """nested_bound(M = 3, K = 12, chunk_size = 5) with the exact posterior as guide is log p(x) to
+    1e-10 only if every chunk's particles are drawn given the same three μ (another μ in a chunk
+    breaks the identity p(x_i, z | μ) / q(z | x_i, μ) = p(x_i | μ)): under the outer plate, for a
+    model that fails under it (one warning, then one call per draw), and one particle at a time."""
+    x = data(15)
+    mean, sd = posterior_mu(x, TAU)
+    guide = exact_guide(TAU, mean, sd)
+    chosen = scalar_mu_model if program == "one call per draw" else fixed_tau
+    pyro.set_rng_seed(24)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = nested_bound(chosen, guide, x, global_particles=3, num_particles=12, chunk_size=5,
+                             vectorize_particles=program != "particles one at a time")  # fmt: skip
+    fell_back = [w for w in caught if "in one outer plate" in str(w.message)]
+    assert len(fell_back) == (program == "one call per draw")
+    exact = log_marginal(x, TAU).item()
+    assert found.terms.shape == (3,) and (found.terms - exact).abs().max().item() < 1e-10
+    assert abs(found.bound.item() - exact) < 1e-10

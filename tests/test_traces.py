@@ -15,13 +15,15 @@ from pyro_iwem.infer.transforms import ReplayGuide
 from tests.gaussian_models import PPCA, TwoLayerGaussian
 
 
-def replaying(sampler, guide_trace):
+class replaying(ParticleSampler):
     """A sampler that replays fixed latents instead of drawing new ones."""
 
-    def call(num_particles, args, kwargs, **kw):
-        return ParticleSampler.__call__(sampler, num_particles, args, kwargs, transforms=(ReplayGuide(guide_trace),), **kw)
+    def __init__(self, sampler, guide_trace):
+        self.__dict__.update(sampler.__dict__)
+        self.guide_trace = guide_trace
 
-    return call
+    def __call__(self, num_particles, args, kwargs, **kw):
+        return super().__call__(num_particles, args, kwargs, transforms=(ReplayGuide(self.guide_trace),), **kw)
 
 
 def datum_trace(guide_trace, index):

@@ -26,6 +26,22 @@ def with_vectorize_hint(error):
     return error
 
 
+def vectorized_draw_error(error):
+    """The error to raise for ``error`` from a vectorised draw: a :class:`ShapeMismatch` with the
+    shapes' particle dims explained (and :data:`VECTORIZE_HINT` unless a plate is the cause: a
+    model written for one particle looks like a guide of the wrong shape), another ModelError
+    as it is, a torch error after :func:`check_finite_params`, with the hint."""
+    if isinstance(error, ShapeMismatch):
+        while isinstance(error.__cause__, ShapeMismatch):  # Pyro re-raises it with the trace's shapes appended
+            error = error.__cause__
+        error = ShapeMismatch(f"{error.message} (in the shapes, the leftmost dim is the draw's particles)", error.plate)
+        return error if error.plate else with_vectorize_hint(error)
+    if isinstance(error, ModelError):
+        return error
+    check_finite_params(error)
+    return with_vectorize_hint(error)
+
+
 def check_finite_inputs(args, kwargs, error):
     """Re-raises ``error`` (from running the guide) as a :class:`ModelError` naming the
     argument, if an input holds NaN or Inf; returns otherwise."""
@@ -218,3 +234,31 @@ def _nan_site(traces):
                 what = f" (its distribution's {', '.join(params)} holds NaN: has training diverged?)" if params else ""
                 return f"{program} site '{name}' has a NaN log density{what}"
     return "a model or guide log density is NaN"
+
+
+def warn_all_global(warned, data_plate, names):
+    """Warns once that every latent is global (``names``, outside ``data_plate``): L_K is then the ELBO."""
+    warn_once(
+        warned,
+        "all-global",
+        f"every latent of the model is global (outside the data plate '{data_plate}': "
+        f"{', '.join(repr(n) for n in names)}): they are drawn once per step, and the bound L_K is "
+        "the ELBO whatever the number of particles (particles only repeat the same draw); for a bound tighter "
+        "over them, IWAELoss(global_particles=M) for training, nested_bound or iwae_bound(..., global_particles=M) "
+        "to score, draw M of them (full batch only)",
+    )
+
+
+def warn_outer_plate(warned, global_particles, names, error):
+    """Warns once that the programs failed under the outer plate of ``global_particles`` draws of
+    the globals ``names`` with ``error``, so that the draws are taken one call each."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    warn_once(
+        warned,
+        "outer-plate",
+        f"the model or guide does not run with {global_particles} draws of the globals "
+        f"({', '.join(repr(n) for n in names)}) in one outer plate, their leading batch dim "
+        f"({type(error).__name__}: {message}): the {global_particles} draws are taken one call each, "
+        f"{global_particles} times the time of one (a model whose globals broadcast over a leading dim, "
+        "e.g. torch.matmul in place of nn.Linear, takes one pass)",
+    )

@@ -87,7 +87,7 @@ def iwae_bound(
     check_num_global_particles(global_particles)
     with torch.no_grad():
         if global_particles == 1:
-            draw = _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation)
+            [draw] = _bounds_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, 1)
             return draw.inner + draw.log_global_w / draw.data_size
         return _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles).per_datum
 
@@ -120,8 +120,9 @@ def nested_bound(
             \frac{p(x_i, z_{ik} \mid \beta)}{q(z_{ik} \mid x_i, \beta)},
 
     a lower bound of :math:`\log p(x)` in expectation that approaches it as M and K grow
-    (with M = 1 it is L_K). The M draws of β are drawn one after the other, each with its K
-    particles drawn in chunks as by :func:`iwae_bound`. It couples the whole data set (the
+    (with M = 1 it is L_K). The M draws of β are one outer plate (drawn one at a time only with
+    ``vectorize_particles=False``), their K particles drawn in chunks as by :func:`iwae_bound`,
+    every chunk given the same M draws. It couples the whole data set (the
     product over every datum sits inside the log-mean-exp over β), so it is full batch
     only: a subsampled data plate is refused. Returns :class:`NestedBound`.
     """
@@ -145,45 +146,45 @@ class _GivenGlobals(NamedTuple):
     log_global_score: None = None
 
 
-def _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation):
-    """One draw of β (if any), then ``num_particles`` particles given it, a chunk at a time (β replayed)."""
-    total = subsample = first = None
-    sum_w2 = None  # for the ESS: log sum_k w_ik^2
-    replay = ()  # the first chunk's globals, replayed in the others: one draw of β
+def _bounds_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles):
+    """M = ``global_particles`` draws of β (one without globals; :meth:`ParticleSampler.draws`), then
+    ``num_particles`` particles given each, a chunk at a time (the β replayed): one
+    :class:`_GivenGlobals` per draw."""
+    totals = sums_w2 = subsample = first = None  # per draw: log sum_k w_ik and, for the ESS, log sum_k w_ik^2
+    replay = None  # the first chunk's globals, replayed in the others: the same M draws of β
     remaining = num_particles
     # drawn one at a time, particles of a chunk are held until they are stacked: probe with one
     probe = PROBE_PARTICLES if sampler.vectorize_particles else 1
     while remaining > 0:
-        if chunk_size is None and total is None and remaining > probe:
+        if chunk_size is None and totals is None and remaining > probe:
             n = probe
-            chunk_size, particles = budget_chunk(
-                lambda: sampler(n, args, kwargs, grad_guide=False, inflation=inflation), n, memory_budget, device_of(args)
-            )
+            chunk_size, draws = budget_chunk(
+                lambda: sampler.draws(global_particles, n, args, kwargs, grad_guide=False, inflation=inflation),
+                n, memory_budget, device_of(args),
+            )  # fmt: skip
         else:
             n = min(chunk_size or remaining, remaining)
-            particles = sampler(
-                n, args, kwargs, grad_guide=False, subsample=subsample, inflation=inflation, transforms=replay
+            draws = sampler.draws(
+                global_particles, n, args, kwargs, replay, grad_guide=False, subsample=subsample, inflation=inflation
             )
         if first is None:
-            first = (particles.log_global_w.double().sum(), particles.data_size, particles.scale,
-                     particles.global_sites)  # fmt: skip
-            if particles.global_sites:
-                replay = (ReplayGlobals(particles),)
-        subsample, log_w = particles.subsample, particles.log_w.double()
-        del particles  # its traces hold the chunk's decoder output: free it before the next draw
-        chunk, chunk_w2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)
-        total = chunk if total is None else torch.logaddexp(total, chunk)
-        sum_w2 = chunk_w2 if sum_w2 is None else torch.logaddexp(sum_w2, chunk_w2)
+            first = [(p.log_global_w.double().sum(), p.data_size, p.scale, p.global_sites) for p in draws]
+            replay = [ReplayGlobals(p) for p in draws] if draws[0].global_sites else None
+        subsample, log_w = draws[0].subsample, torch.stack([p.log_w.double() for p in draws])
+        del draws  # their traces hold the chunk's decoder output: free it before the next draw
+        chunk, chunk_w2 = torch.logsumexp(log_w, 1), torch.logsumexp(2 * log_w, 1)
+        totals = chunk if totals is None else torch.logaddexp(totals, chunk)
+        sums_w2 = chunk_w2 if sums_w2 is None else torch.logaddexp(sums_w2, chunk_w2)
         remaining -= n
-    log_global_w, data_size, scale, names = first
-    return _GivenGlobals(
-        total - math.log(num_particles), log_global_w, data_size, scale, (2 * total - sum_w2).exp(), names
-    )
+    return [
+        _GivenGlobals(total - math.log(num_particles), log_global_w, data_size, scale, (2 * total - sum_w2).exp(), names)
+        for total, sum_w2, (log_global_w, data_size, scale, names) in zip(totals, sums_w2, first)
+    ]
 
 
 def _nested(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, global_particles):
     draws = nested_draws(
-        lambda: _bound_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation),
+        lambda m: _bounds_given_globals(sampler, args, kwargs, num_particles, chunk_size, memory_budget, inflation, m),
         global_particles,
     )
     log_terms = nested_terms(draws, lambda d: d.inner)

@@ -214,18 +214,19 @@ class IWEM:
         """The annealing controller's current α."""
         return self.annealing.alpha
 
-    def _e_draw(self, alpha, args, kwargs, guide_args=None):
-        """One draw of β and of the E-step's particles given it, detached: K (widened) for the
-        weights, L for the annealing's ELBO term while α < 1."""
+    def _e_draw(self, alpha, args, kwargs, guide_args=None, global_particles=1):
+        """``global_particles`` draws of β (one without globals) and of the E-step's particles given
+        each, detached: K (widened) for the weights, L for the annealing's ELBO term while α < 1."""
         num_elbo = self.L if alpha < 1.0 else 0
         inflation = [self.proposal_inflation] * self.K + [1.0] * num_elbo  # K widened snIS samples, L ELBO samples
-        return self.sampler(
-            self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args, inflation=inflation
+        return self.sampler.draws(
+            global_particles, self.K + num_elbo, args, kwargs, grad_guide=False, guide_args=guide_args,
+            inflation=inflation,
         )
 
     def _e_step(self, alpha, args, kwargs, guide_args=None):
         """``(particles, loss)`` of one draw of β (:meth:`_e_draw`, :meth:`_e_loss`)."""
-        particles = self._e_draw(alpha, args, kwargs, guide_args)
+        particles = self._e_draw(alpha, args, kwargs, guide_args)[0]
         return particles, self._e_loss(particles, alpha)
 
     def _e_loss(self, particles, alpha):
@@ -242,7 +243,7 @@ class IWEM:
         :math:`\bar W_m = \mathrm{softmax}_m \log \hat W_m` and :math:`\mathcal L_m` = :meth:`_e_loss` of
         draw m (one draw: its :meth:`_e_loss`): at α = 1 θ's gradient is minus the nested bound's,
         the draws held fixed."""
-        draws = nested_draws(lambda: self._e_draw(alpha, args, kwargs, guide_args), self.global_particles)
+        draws = nested_draws(lambda m: self._e_draw(alpha, args, kwargs, guide_args, m), self.global_particles)
         if len(draws) == 1:
             return draws, None, self._e_loss(draws[0], alpha)
         log_weights = self._log_global_weights(draws)
@@ -331,8 +332,8 @@ class IWEM:
 
     def _p_step(self, theta, args, kwargs, guide_args, subsample):
         draws = nested_draws(
-            lambda: self.sampler(
-                self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
+            lambda m: self.sampler.draws(
+                m, self.J, args, kwargs, grad_guide=True, guide_args=guide_args, subsample=subsample,
                 inflation=self.p_step_inflation,
             ),
             self.global_particles,

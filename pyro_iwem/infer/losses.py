@@ -151,12 +151,15 @@ class ParticleLoss(ELBO):
             grads.update(gradients(self.scaled(particles, self.global_guide_objective(particles)), global_phi))
         return grads, loss
 
-    def _particles(self, model, guide, args, kwargs):
+    def _particles(self, model, guide, args, kwargs, global_particles=None):
+        """The loss's reparameterised particles; with ``global_particles`` = M, a list of M draws
+        of the globals (:meth:`~pyro_iwem.infer.sampler.ParticleSampler.draws`)."""
         sampler = self.sampler(model, guide)
-        particles = sampler(self.num_particles, args, kwargs, grad_guide=True, transforms=self.transforms())
+        draws = sampler.draws(global_particles or 1, self.num_particles, args, kwargs, grad_guide=True,
+                              transforms=self.transforms())  # fmt: skip
         if self.warns_model_proposed:
-            for name in particles.model_proposed:
-                if not is_missing_entries(name, particles.model_trace):
+            for name in draws[0].model_proposed:
+                if not is_missing_entries(name, draws[0].model_trace):
                     warn_once(
                         sampler.warned,
                         ("model-proposed", name),
@@ -166,7 +169,7 @@ class ParticleLoss(ELBO):
                         "score-function gradient if it is not reparameterised. Add it to the guide, or mark a "
                         "discrete site infer={'enumerate': 'parallel'} to sum it out exactly",
                     )
-        return particles
+        return draws if global_particles is not None else draws[0]
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError(f"{type(self).__name__} draws its particles with a ParticleSampler")
@@ -269,7 +272,7 @@ class IWAELoss(ParticleLoss):
     :param int global_particles: M draws of the global latents per step (default 1: L_K). With
         M > 1 the loss is the nested bound
         :math:`-\log \frac1M \sum_m \frac{p(\beta_m)}{q(\beta_m)} \prod_i \hat p_K(x_i \mid \beta_m)`
-        (:func:`~pyro_iwem.infer.nested_bound`), the M draws taken one after the other, with its
+        (:func:`~pyro_iwem.infer.nested_bound`), the M draws one outer plate, with its
         pathwise gradient; full batch only (a subsampled data plate is refused), reparameterised
         globals only. :attr:`global_ess` is then the ESS of the last step's M draws.
 
@@ -293,9 +296,11 @@ class IWAELoss(ParticleLoss):
         """``(draws, nested bound)`` of ``global_particles`` draws of the globals (:func:`~pyro_iwem.infer.objectives.nested_draws`)."""
         sampler = self.sampler(model, guide)
         if grad:
-            draws = nested_draws(lambda: self._particles(model, guide, args, kwargs), self.global_particles, "IWAELoss")
+            draws = nested_draws(lambda m: self._particles(model, guide, args, kwargs, m), self.global_particles, "IWAELoss")
         else:
-            draws = nested_draws(lambda: sampler(self.num_particles, args, kwargs, grad_guide=False), self.global_particles)
+            draws = nested_draws(
+                lambda m: sampler.draws(m, self.num_particles, args, kwargs, grad_guide=False), self.global_particles
+            )
         values = nested_terms(draws, iwae_objective)
         self.global_ess = effective_sample_size(values.detach()).item()
         return draws, nested_outer_bound(values)

@@ -173,21 +173,16 @@ def check_num_global_particles(value):
 
 def nested_draws(draw, global_particles, owner=None):
     r"""The outer plate of the nested bound: M = ``global_particles`` draws of the globals
-    :math:`\beta_1..\beta_M`, ``draw()`` each, one after the other (each a
-    :class:`~pyro_iwem.infer.particles.Particles`, or anything with its ``scale`` and
-    ``global_sites``). One draw only when there are no globals: every draw would then give the
-    same bound. Refuses a subsampled data plate when M > 1 (:func:`refuse_subsampled_nested`)
-    and, for the estimator named ``owner`` (gradients will be taken), globals without
-    ``rsample`` whose score carries a gradient (:func:`refuse_scored_nested`)."""
-    draws = []
-    for _ in range(global_particles):
-        particles = draw()
-        refuse_subsampled_nested(global_particles, particles.scale)
-        if owner is not None:
-            refuse_scored_nested(owner, global_particles, particles)
-        draws.append(particles)
-        if not particles.global_sites:
-            break
+    :math:`\beta_1..\beta_M`, ``draw(M)`` (a list of :class:`~pyro_iwem.infer.particles.Particles`,
+    or of anything with their ``scale`` and ``global_sites``, as
+    :meth:`~pyro_iwem.infer.sampler.ParticleSampler.draws` returns: one pass under a plate of M
+    draws, one draw when there are no globals). Refuses a subsampled data plate when M > 1
+    (:func:`refuse_subsampled_nested`) and, for the estimator named ``owner`` (gradients will be
+    taken), globals without ``rsample`` whose score carries a gradient (:func:`refuse_scored_nested`)."""
+    draws = draw(global_particles)
+    refuse_subsampled_nested(len(draws), draws[0].scale)
+    if owner is not None:
+        refuse_scored_nested(owner, len(draws), draws[0])
     return draws
 
 

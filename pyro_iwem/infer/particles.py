@@ -9,6 +9,10 @@ from .params import ParamSplitter
 
 #: The ``(N, B)`` tensors of :class:`Particles`, concatenated along the particles by :meth:`Particles.cat`.
 DENSITIES = ("log_p", "log_q", "log_model_proposed", "log_score", "log_score_leaves", "log_q_unstopped")
+#: The ``(1,)`` tensors of the globals, one entry per draw of β.
+GLOBAL_DENSITIES = (
+    "log_global_p", "log_global_q", "log_global_model_proposed", "log_global_score", "log_global_q_unstopped",
+)
 
 
 @dataclass
@@ -79,6 +83,9 @@ class Particles:
     log_global_q_unstopped: torch.Tensor | None = None
     #: the tensors the model replayed for ``global_latents`` (as ``model_latents``)
     global_model_latents: list = field(default_factory=list)
+    #: one of M draws of β drawn in one outer plate (:meth:`split`): this draw's index along the
+    #: leading dim of the traces' values and the latents, which are the whole plate's (``None``: its own)
+    outer_index: int | None = None
 
     @classmethod
     def cat(cls, draws):
@@ -98,6 +105,31 @@ class Particles:
             model_latents=[z for p in draws for z in p.model_latents],
             layout=None,
         )
+
+    def split(self):
+        """The draws of an outer plate of M draws of the globals (the sampler's ``(M, N, B)``
+        densities and ``(M,)`` global densities): M :class:`Particles`, draw m's densities
+        ``[m]`` and ``[m:m+1]``; traces, parameters and latents are the whole plate's (one graph),
+        and ``layout`` is ``None`` (a latent is not draw m's alone; :meth:`own` takes its part)."""
+        # unbind and split: one backward node for all draws (indexing would fill a whole-plate
+        # gradient per draw, M² work)
+        densities = {n: getattr(self, n).unbind(0) for n in DENSITIES if getattr(self, n) is not None}
+        global_densities = {n: getattr(self, n).split(1) for n in GLOBAL_DENSITIES if getattr(self, n) is not None}
+        return [
+            replace(
+                self,
+                **{n: parts[m] for n, parts in densities.items()},
+                **{n: parts[m] for n, parts in global_densities.items()},
+                layout=None,
+                outer_index=m,
+            )
+            for m in range(self.log_p.shape[0])
+        ]
+
+    def own(self, value):
+        """This draw's part of ``value``, a value of the traces or a latent: ``value[outer_index]``
+        for one of the draws of an outer plate (:meth:`split`), else ``value`` itself."""
+        return value if self.outer_index is None else value[self.outer_index]
 
     @property
     def log_w(self):

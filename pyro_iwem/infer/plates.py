@@ -5,8 +5,11 @@ A vectorised draw runs model and guide under an outer plate of ``N`` particles
 (``PARTICLE_PLATE``, at dim ``-1 - max_plate_nesting``). The data plate is the plate
 over data points whose dimension is kept, so that weights are normalised per datum: the
 outermost plate enclosing every observed site, unless named. Its scale (full size / subsample
-size) is applied after normalisation, never inside it.
+size) is applied after normalisation, never inside it. M draws of the globals (the nested
+bound's outer plate) are a plate of their own (``GLOBAL_PLATE``) left of the particle plate.
 """
+
+import contextlib
 
 import pyro
 from pyro import poutine
@@ -14,24 +17,33 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .checks import VECTORIZE_HINT
-from .enumeration import wants_enumeration
+from .enumeration import contract_enumerated, masked_log_prob, wants_enumeration
 from .sites import density_sites, is_auxiliary
 from .util import ModelError
 
 PARTICLE_PLATE = "_iwem_particles"
+#: the outer plate of M draws of the globals β (``global_particles``), at the particle plate's dim - 1
+GLOBAL_PLATE = "_iwem_globals"
+#: the plates the sampler adds around a program (not the program's own)
+ENGINE_PLATES = (PARTICLE_PLATE, GLOBAL_PLATE)
 
 
-def vectorize(fn, num_particles, dim, global_latents=None):
+def vectorize(fn, num_particles, dim, global_latents=None, global_particles=1):
     """``fn`` run inside a particle plate of ``num_particles`` at ``dim``; the sites that
-    ``global_latents`` (:class:`GlobalLatents`) calls global are drawn once, outside it."""
+    ``global_latents`` (:class:`GlobalLatents`) calls global are drawn once, outside it, or
+    ``global_particles`` = M times, in a plate of M draws at ``dim - 1`` around everything (the
+    local sites then have a particle dim for each draw of β: ``(M, N, ...)``)."""
 
     def vectorized(*args, **kwargs):
         if global_latents is None or not global_latents.active:
             with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
                 return fn(*args, **kwargs)
         once = DrawGlobalsOnce(global_latents)
-        with once.outside, pyro.plate(PARTICLE_PLATE, num_particles, dim=dim), once.inside:
-            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if global_particles > 1:
+                stack.enter_context(pyro.plate(GLOBAL_PLATE, global_particles, dim=dim - 1))
+            with once.outside, pyro.plate(PARTICLE_PLATE, num_particles, dim=dim), once.inside:
+                return fn(*args, **kwargs)
 
     return vectorized
 
@@ -129,7 +141,7 @@ def find_data_plate(model_trace):
     """The outermost vectorised plate enclosing every observed site of the model (every
     sample site if none is observed); ``False`` if there is none."""
     sites = [s for _, s in density_sites(model_trace) if s["is_observed"]] or [s for _, s in density_sites(model_trace)]
-    stacks = [[f.name for f in s["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE] for s in sites]
+    stacks = [[f.name for f in s["cond_indep_stack"] if f.vectorized and f.name not in ENGINE_PLATES] for s in sites]
     common = set(stacks[0]).intersection(*stacks[1:]) if stacks else set()
     outermost = [name for name in (stacks[0] if stacks else []) if name in common]
     return outermost[0] if outermost else False
@@ -163,7 +175,7 @@ def subsample_trace(*traces):
     kept = poutine.Trace()
     for trace in traces:
         for name, site in trace.nodes.items():
-            if site["type"] == "sample" and site_is_subsample(site) and name not in kept.nodes and name != PARTICLE_PLATE:
+            if site["type"] == "sample" and site_is_subsample(site) and name not in kept.nodes and name not in ENGINE_PLATES:
                 kept.add_node(name, **site)
     return kept
 
@@ -176,26 +188,33 @@ def plate_dims(*traces):
 
 class PerDatum:
     """Accumulates per-datum log densities: one ``(n, b)`` tensor per site (n ∈ {1, N},
-    b ∈ {1, B}), summed into named totals at the end.
+    b ∈ {1, B}; ``(m, n, b)`` with the outer plate of M draws of β, m ∈ {1, M}), summed into
+    named totals at the end.
 
-    :param int ndim: the dims of a site's batch shape under the particle plate.
+    :param int ndim: the dims of a site's batch shape under the particle plate (and the outer plate).
     :param data_position: the position of the data plate's dim among them (``None``: no data plate).
+    :param int lead: the leading dims kept: 1 (particles) or 2 (draws of β, then particles).
     """
 
-    def __init__(self, ndim, data_position):
+    def __init__(self, ndim, data_position, lead=1):
         self.ndim = ndim
         self.data_position = data_position
+        self.lead = lead
         self.terms = []  # (total name, site name, is latent, (n, b) tensor, in the data plate)
-        self.global_terms = []  # (total name, site name, scalar): the globals' log densities, one per draw
+        self.global_terms = []  # (total name, site name, one value per draw of β): the globals' log densities
 
-    def per_datum(self, name, log_prob):
+    def _full(self, name, log_prob):
+        """``log_prob`` with all ``ndim`` dims (leading 1s added), or a ModelError naming the site."""
         if log_prob.dim() > self.ndim:
             raise ModelError(
                 f"site '{name}' has batch shape {tuple(log_prob.shape)} with dims left of the particle plate "
                 f"(dim {-self.ndim}): declare its batch dims with plates or .to_event(); {VECTORIZE_HINT}"
             )
-        log_prob = log_prob.reshape((1,) * (self.ndim - log_prob.dim()) + log_prob.shape)
-        keep = {0} if self.data_position is None else {0, self.data_position}
+        return log_prob.reshape((1,) * (self.ndim - log_prob.dim()) + log_prob.shape)
+
+    def per_datum(self, name, log_prob):
+        log_prob = self._full(name, log_prob)
+        keep = set(range(self.lead)) | ({self.data_position} - {None})
         summed = [d for d in range(self.ndim) if d not in keep]
         if summed:
             log_prob = log_prob.sum(summed)
@@ -205,14 +224,14 @@ class PerDatum:
         self.terms.append((total, name, latent, self.per_datum(name, log_prob), in_data_plate))
 
     def add_global(self, total, name, log_prob, latent=True, in_data_plate=False):
-        """A global site's log density: summed over all its dims, one number for the draw."""
-        self.global_terms.append((total, name, log_prob.sum()))
+        """A global site's log density: summed over all its dims, one number per draw of β."""
+        self.global_terms.append((total, name, self._full(name, log_prob).sum(tuple(range(self.lead - 1, self.ndim)))))
 
     def global_names(self):
         return {name for _, name, _ in self.global_terms}
 
-    def global_totals(self, like):
-        """Named ``(1,)`` totals of the globals (``log_global_p``, ``log_global_q``,
+    def global_totals(self, like, draws=1):
+        """Named ``(draws,)`` totals of the globals, one per draw of β (``log_global_p``, ``log_global_q``,
         ``log_global_model_proposed``; ``log_global_score`` only where a global has no pathwise gradient)."""
         out = {}
         for total, _, value in self.global_terms:
@@ -220,26 +239,45 @@ class PerDatum:
         zero = like.new_zeros(())
         for total in ("log_global_p", "log_global_q", "log_global_model_proposed"):
             out.setdefault(total, zero)
-        return {k: v.reshape(1) for k, v in out.items()}
+        return {k: v.reshape(-1).expand(draws) for k, v in out.items()}
+
+    def add_enumerated(self, model_trace, enumerated, frame):
+        """The enumerated sites' log densities ``[(site, log_prob)]`` (one common ``poutine.scale``),
+        their enumerated dims summed out into one ``log_p`` term (``enumeration.contract_enumerated``),
+        kept per datum unless a latent among them lies outside the data plate (``frame``): then the
+        names of those latents are returned (they couple the batch)."""
+        scales = {float(site["scale"]) for site, _ in enumerated}
+        if len(scales) > 1:
+            names = ", ".join(f"'{site['name']}'" for site, _ in enumerated)
+            raise ModelError(f"sites {names} depend on an enumerated site and need one common poutine.scale")
+        target = list(ENGINE_PLATES[: self.lead])  # the particle plate, and the draws of β
+        outside = [site["name"] for site, _ in enumerated
+                   if frame is not None and not site["is_observed"] and not in_plate(site, frame.name)]  # fmt: skip
+        if frame is not None and not outside:
+            target.append(frame.name)
+        masked = [(site, masked_log_prob(log_prob, site)) for site, log_prob in enumerated]
+        log_p = contract_enumerated(model_trace, masked, target) * (scales.pop() / data_scale(frame))
+        self.add("log_p", enumerated[0][0]["name"], log_p, False, frame is not None and frame.name in target)
+        return outside
 
     def has(self, total):
         return any(t[0] == total for t in self.terms)
 
     def batch_size(self):
-        return max(t.shape[1] for *_, t, _ in self.terms)
+        return max(t.shape[-1] for *_, t, _ in self.terms)
 
     def shared_latents(self):
         """Latent sites with one value for a batch of several data (a sizeless plate that broadcast)."""
         batch = self.batch_size()
-        return [name for _, name, latent, t, _ in self.terms if latent and t.shape[1] == 1 and batch > 1]
+        return [name for _, name, latent, t, _ in self.terms if latent and t.shape[-1] == 1 and batch > 1]
 
     def totals(self, shape, data_scale=None):
-        """Named ``(N, B)`` totals; with ``data_scale``, the batch is one datum (the data plate's
-        sites scaled by it and summed over the batch)."""
+        """Named totals of ``shape`` (``(N, B)``, or ``(M, N, B)``); with ``data_scale``, the batch is
+        one datum (the data plate's sites scaled by it and summed over the batch)."""
         out = {}
         for total, _, _, t, in_data_plate in self.terms:
             if data_scale is not None:
-                t = (t * data_scale if in_data_plate else t).sum(1, keepdim=True)
+                t = (t * data_scale if in_data_plate else t).sum(-1, keepdim=True)
             out[total] = t if total not in out else out[total] + t
         return {k: v.expand(shape) for k, v in out.items()}
 

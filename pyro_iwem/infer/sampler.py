@@ -19,15 +19,15 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import is_validation_enabled
 
 from .checks import (
-    ShapeMismatch, check_finite_params, check_guide_plates, check_log_weights, check_observed, check_param_names,
-    refuse_or_warn_coupled, warn_guide_enumeration, with_vectorize_hint,
+    ShapeMismatch, check_guide_plates, check_log_weights, check_observed, check_param_names, refuse_or_warn_coupled,
+    vectorized_draw_error, warn_all_global, warn_guide_enumeration, warn_outer_plate,
 )
-from .enumeration import EnumerationAnnotations, EnumerationPolicy, contract_enumerated, masked_log_prob
+from .enumeration import EnumerationAnnotations, EnumerationPolicy
 from .inflation import ProposalInflation, per_particle
 from .params import ParamSplitter
 from .particles import Particles
 from .plates import (
-    PARTICLE_PLATE, GlobalLatents, PerDatum, data_frame, data_scale, find_data_plate, global_sites, in_plate,
+    GlobalLatents, PerDatum, data_frame, data_scale, find_data_plate, global_sites, in_plate,
     subsample_trace, vectorize,
 )
 from .programs import ProposeFromModel, max_plate_nesting_of, probe, run_guide
@@ -35,7 +35,8 @@ from .sites import (
     TOTALS, SCORE_TOTALS, SiteRole, classify, density_sites, is_pathwise, model_leaves, param_values, site_log_prob,
     structure,
 )
-from .util import ModelError, warn_once
+from .transforms import DrawSettings, with_replay
+from .util import ModelError
 
 
 class ParticleSampler:
@@ -95,6 +96,7 @@ class ParticleSampler:
         self._enumerates = None
         self._leaves = None
         self.global_latents = None  # GlobalLatents, found on the first call
+        self._outer_plate = None  # whether the programs ran under an outer plate of draws of β (None: not tried)
 
     def __call__(self, num_particles, args, kwargs, grad_guide=True, guide_args=None, subsample=None, inflation=None,
                  transforms=()):  # fmt: skip
@@ -115,28 +117,58 @@ class ParticleSampler:
             DReG's latent views, the one-pass step's cut latents and detached model proposals,
             a replayed guide trace).
         """
+        return self._draws(num_particles, args, kwargs, 1, grad_guide, guide_args, subsample, inflation, transforms)[0]
+
+    def draws(self, global_particles, num_particles, args, kwargs, replay=None, **options):
+        r"""M = ``global_particles`` draws of the globals :math:`\beta_1..\beta_M`, each with
+        ``num_particles`` particles given it: a list of M :class:`~pyro_iwem.infer.particles.Particles`
+        (one without globals). Vectorised, one pass under an outer plate of M (``GLOBAL_PLATE``, left
+        of the particle plate), split by :meth:`~pyro_iwem.infer.particles.Particles.split` (one graph);
+        drawn one particle at a time, M calls, as for programs that fail under the plate
+        (``nn.Linear`` with ``PyroSample`` weights), with a warning. ``replay``: ``[ReplayGlobals(p)
+        for p in earlier]`` of the list an earlier call returned, to draw new particles given the
+        same M draws of β (:class:`~pyro_iwem.infer.transforms.ReplayGlobals`). ``options``: as for a call."""
+        if global_particles == 1 or not self.global_names(args, kwargs, options.get("guide_args")):
+            return [self(num_particles, args, kwargs, **with_replay(options, replay, 0))]
+        if not self.vectorize_particles or self._outer_plate is False:
+            return [self(num_particles, args, kwargs, **with_replay(options, replay, m)) for m in range(global_particles)]
+        try:
+            draws = self._draws(num_particles, args, kwargs, global_particles, **with_replay(options, replay, 0))
+        except (ValueError, RuntimeError, IndexError) as error:
+            if self._outer_plate or (isinstance(error, ModelError) and not isinstance(error, ShapeMismatch)):
+                raise  # the plate ran before, or a refusal not about shapes: the error is not the plate's
+            self._outer_plate = False  # a real error is raised again by the first of the M calls
+            warn_outer_plate(self.warned, global_particles, self.global_latents.names, error)
+            return self.draws(global_particles, num_particles, args, kwargs, replay, **options)
+        self._outer_plate = True
+        return draws
+
+    def _draws(self, num_particles, args, kwargs, global_particles, grad_guide=True, guide_args=None, subsample=None,
+               inflation=None, transforms=()):  # fmt: skip
         guide_args, guide_kwargs = self.inputs_for_guide(args, kwargs) if guide_args is None else guide_args
         self._probe_once(args, kwargs, (guide_args, guide_kwargs))
         self._model_inputs = (args, kwargs)
         # Pyro's distribution checks run on the first call; afterwards they cost ~7% of a step
         # and the sampler's own checks (finite data, log weights) remain.
         validating = is_validation_enabled() and (self.validate_model or not self._validated)
-        draw = _Draw(grad_guide and torch.is_grad_enabled(), per_particle(inflation, num_particles), transforms)
+        draw = DrawSettings(grad_guide and torch.is_grad_enabled(), per_particle(inflation, num_particles), transforms)
         inputs = ((args, kwargs), (guide_args, guide_kwargs))
         with pyro.validation_enabled(validating):
             if self.vectorize_particles:
-                particles = self._draw_vectorized(num_particles, inputs, subsample, draw)
+                draws = self._draw_vectorized(num_particles, inputs, subsample, draw, global_particles)
             else:
                 refused = [type(t).__name__ for t in transforms if t.vectorized_only]
                 if refused:
                     raise NotImplementedError(f"{refused[0]} needs vectorize_particles=True")
-                particles = self._draw_loop(num_particles, inputs, subsample, draw)
+                draws = [self._draw_loop(num_particles, inputs, subsample, draw)]
+        traces = (("model", draws[0].model_trace), ("guide", draws[0].guide_trace))
         if not self._validated:
-            check_guide_plates(particles.model_trace, particles.guide_trace)
-            check_param_names(particles.model_params, particles.guide_params)
+            check_guide_plates(draws[0].model_trace, draws[0].guide_trace)
+            check_param_names(draws[0].model_params, draws[0].guide_params)
         self._validated = True
-        check_log_weights(particles.log_w, (("model", particles.model_trace), ("guide", particles.guide_trace)))
-        return particles
+        for particles in draws:
+            check_log_weights(particles.log_w, traces)
+        return draws
 
     def _probe_once(self, args, kwargs, guide_args=None):
         """Probes the programs on the first call (the guide's inputs computed only then if not given)."""
@@ -151,17 +183,8 @@ class ParticleSampler:
             self.max_plate_nesting = max_plate_nesting_of(guide_trace, model_trace)
         data_plate = self._find_data_plate(model_trace)
         self.global_latents = found = GlobalLatents.from_traces(data_plate, model_trace, guide_trace)
-        globals_ = found.names
-        if globals_ and not found.has_locals:
-            warn_once(
-                self.warned,
-                "all-global",
-                f"every latent of the model is global (outside the data plate '{data_plate}': "
-                f"{', '.join(repr(n) for n in globals_)}): they are drawn once per step, and the bound L_K is "
-                "the ELBO whatever the number of particles (particles only repeat the same draw); for a bound tighter "
-                "over them, IWAELoss(global_particles=M) for training, nested_bound or iwae_bound(..., global_particles=M) "
-                "to score, draw M of them (full batch only)",
-            )
+        if found.names and not found.has_locals:
+            warn_all_global(self.warned, data_plate, found.names)
 
     def global_names(self, args, kwargs, guide_args=None):
         """The model's global latents (drawn once per call), found from one run on the first call."""
@@ -205,32 +228,29 @@ class ParticleSampler:
                 return self._run(guide, model, inputs, subsample, draw, first_enum_dim)
         return guide_trace, model_trace
 
-    def _draw_vectorized(self, num_particles, inputs, subsample, draw):
+    def _draw_vectorized(self, num_particles, inputs, subsample, draw, global_particles):
+        """A list of Particles: one, or ``global_particles`` = M > 1 draws of β in an outer plate."""
         particle_dim = -1 - self.max_plate_nesting
-        guide = vectorize(self.guide, num_particles, particle_dim, self.global_latents)
+        outer = int(global_particles > 1)  # the outer plate's dim, left of the particle plate
+        guide = vectorize(self.guide, num_particles, particle_dim, self.global_latents, global_particles)
         factors = draw.inflation
         if factors is not None:  # outside the particle plate: it sees the distributions the plates broadcast
             same = all(f == factors[0] for f in factors)
             guide = ProposalInflation(factors[0] if same else factors, dim=particle_dim)(guide)
         for transform in draw.transforms:
             guide = transform.guide(guide)
-        model = vectorize(self.model, num_particles, particle_dim, self.global_latents)
+        model = vectorize(self.model, num_particles, particle_dim, self.global_latents, global_particles)
         try:
-            guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1)
-            terms, info = self._log_densities(model_trace, guide_trace, -particle_dim, draw)
-        except ShapeMismatch as error:
-            while isinstance(error.__cause__, ShapeMismatch):  # Pyro re-raises it with the trace's shapes appended
-                error = error.__cause__
-            error = ShapeMismatch(f"{error.message} (in the shapes, the leftmost dim is the draw's particles)", error.plate)
-            # a model written for one particle looks like a guide of the wrong shape
-            raise (error if error.plate else with_vectorize_hint(error)) from None
-        except ModelError:
-            raise
+            guide_trace, model_trace = self._run(guide, model, inputs, subsample, draw, particle_dim - 1 - outer)
+            terms, info = self._log_densities(model_trace, guide_trace, outer - particle_dim, draw, 1 + outer)
         except (ValueError, RuntimeError, IndexError) as error:
-            check_finite_params(error)
-            raise with_vectorize_hint(error)
+            explained = vectorized_draw_error(error)
+            if explained is error:
+                raise
+            raise explained from None
         subsample = subsample if subsample is not None else subsample_trace(guide_trace, model_trace)
-        return self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, draw)
+        particles = self._particles(terms, info, num_particles, model_trace, guide_trace, subsample, draw, global_particles)
+        return particles.split() if outer else [particles]
 
     def _draw_loop(self, num_particles, inputs, subsample, draw):
         ndim = 1 + self.max_plate_nesting
@@ -259,12 +279,12 @@ class ParticleSampler:
             self.data_plate = find_data_plate(model_trace)
         return self.data_plate or None
 
-    def _log_densities(self, model_trace, guide_trace, ndim, draw):
+    def _log_densities(self, model_trace, guide_trace, ndim, draw, lead=1):
         """Every site's per-datum log density, as :class:`~pyro_iwem.infer.plates.PerDatum`,
         summed where its role says (:data:`~pyro_iwem.infer.sites.TOTALS`), and what the weights need."""
         data_plate = self._find_data_plate(model_trace)
         frame = data_frame(model_trace, data_plate)
-        terms = PerDatum(ndim, None if frame is None else ndim + frame.dim)
+        terms = PerDatum(ndim, None if frame is None else ndim + frame.dim, lead)
         outside, enumerated, model_proposed = [], [], []  # latents outside the data plate, ...
         detached = draw.detach_model_proposals
         # STL/DReG with globals: the unstopped log q too, for q(β)'s L_K gradient (losses.ParticleLoss._groups)
@@ -308,7 +328,7 @@ class ParticleSampler:
                 if not pathwise and role in SCORE_TOTALS:
                     add(SCORE_TOTALS[role], name, log_prob, latent, inside)
         if enumerated:
-            self._add_enumerated(terms, model_trace, enumerated, frame, outside)
+            outside.extend(terms.add_enumerated(model_trace, enumerated, frame))
         if not terms.terms or not terms.has("log_p"):
             raise ModelError("the model has no sample site: there is nothing to weight")
         coupled = outside + terms.shared_latents()
@@ -319,34 +339,20 @@ class ParticleSampler:
         )
         return terms, dict(coupled=bool(coupled), frame=frame, model_proposed=tuple(model_proposed))
 
-    def _add_enumerated(self, terms, model_trace, enumerated, frame, outside):
-        scales = {float(site["scale"]) for site, _ in enumerated}
-        if len(scales) > 1:
-            names = ", ".join(f"'{site['name']}'" for site, _ in enumerated)
-            raise ModelError(f"sites {names} depend on an enumerated site and need one common poutine.scale")
-        target = [PARTICLE_PLATE]
-        if frame is not None and not any(
-            all(f.name != frame.name for f in site["cond_indep_stack"]) and not site["is_observed"]
-            for site, _ in enumerated
-        ):
-            target.append(frame.name)
-        elif frame is not None:
-            outside.extend(site["name"] for site, _ in enumerated if not site["is_observed"])
-        masked = [(site, masked_log_prob(log_prob, site)) for site, log_prob in enumerated]
-        log_p = contract_enumerated(model_trace, masked, target) * (scales.pop() / data_scale(frame))
-        terms.add("log_p", enumerated[0][0]["name"], log_p, False, frame is not None and frame.name in target)
-
     def _model_leaves(self):
         if self._leaves is None:
             self._leaves = model_leaves(self.model, *self._model_inputs)
         return self._leaves
 
-    def _particles(self, terms, info, num_particles, model_trace, guide_trace, subsample, draw):
+    def _particles(self, terms, info, num_particles, model_trace, guide_trace, subsample, draw, global_particles=1):
+        """Particles of the draw; with ``global_particles`` = M > 1 its densities are ``(M, N, B)``
+        and its global densities ``(M,)``, for :meth:`~pyro_iwem.infer.particles.Particles.split`."""
         frame = info["frame"]
         coupled = info["coupled"]
         batch = 1 if coupled or frame is None else terms.batch_size()
-        totals = terms.totals((num_particles, batch), data_scale=data_scale(frame) if coupled else None)
-        zeros = totals["log_p"].new_zeros((num_particles, batch))
+        shape = (num_particles, batch) if global_particles == 1 else (global_particles, num_particles, batch)
+        totals = terms.totals(shape, data_scale=data_scale(frame) if coupled else None)
+        zeros = totals["log_p"].new_zeros(shape)
         latent_sites = [site for _, site in density_sites(guide_trace) if isinstance(site["value"], torch.Tensor)]
         found = list(global_sites(guide_trace, self.global_latents))
         is_global = {name for name, _ in found}
@@ -354,7 +360,7 @@ class ParticleSampler:
         global_latents = [site["value"] for _, site in found]
         global_model_latents = [model_trace.nodes[n]["value"] if n in model_trace.nodes else None for n, _ in found]
         latent_sites = [site for site in latent_sites if site["name"] not in is_global]
-        global_totals = terms.global_totals(zeros) if terms.global_terms else {}
+        global_totals = terms.global_totals(zeros, global_particles) if terms.global_terms else {}
         return Particles(
             log_p=totals["log_p"],
             log_q=totals.get("log_q", zeros),
@@ -384,13 +390,3 @@ class ParticleSampler:
             global_model_latents=global_model_latents,
             **global_totals,
         )
-
-
-class _Draw:
-    """The settings of one call: the guide's grad mode, inflation factors, transforms."""
-
-    def __init__(self, grad_proposal, inflation, transforms):
-        self.grad_proposal = grad_proposal
-        self.inflation = inflation
-        self.transforms = tuple(transforms)
-        self.detach_model_proposals = any(t.detach_model_proposals for t in self.transforms)

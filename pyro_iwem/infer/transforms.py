@@ -150,6 +150,25 @@ class ReplayGlobals(DrawTransform):
         return trace
 
 
+class DrawSettings:
+    """The settings of one call of the sampler: the guide's grad mode, inflation factors, transforms."""
+
+    def __init__(self, grad_proposal, inflation, transforms):
+        self.grad_proposal = grad_proposal
+        self.inflation = inflation
+        self.transforms = tuple(transforms)
+        self.detach_model_proposals = any(t.detach_model_proposals for t in self.transforms)
+
+
+def with_replay(options, replay, m):
+    """A sampler call's ``options`` with the transform ``replay[m]`` added (``replay``: one
+    :class:`ReplayGlobals` per draw of β of an earlier call, or ``None``; under an outer plate the
+    draws share their traces, and ``replay[0]`` holds every draw's β)."""
+    if not replay:
+        return options
+    return {**options, "transforms": (*options.get("transforms", ()), replay[m])}
+
+
 __all__ = [
     "CutLatents",
     "DetachModelProposals",
