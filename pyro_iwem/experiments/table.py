@@ -18,7 +18,7 @@ import statistics
 
 from .checkpoint import METRICS, read_json
 from .errors import RunError
-from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, METHOD_ORDER, MODELS, USES_J
+from .setup import ALL_METHOD_ORDER, CONFIG_KEYS, DATASETS, LEGACY_CONFIG, MODELS, USES_J
 
 #: the run settings besides the row's (method, K, J), the column's (dataset, model, missing
 #: patches) and the seeds: runs that differ in one of them are different experiments, and
