@@ -151,11 +151,11 @@ class ParticleLoss(ELBO):
             grads.update(gradients(self.scaled(particles, self.global_guide_objective(particles)), global_phi))
         return grads, loss
 
-    def _particles(self, model, guide, args, kwargs, global_particles=None):
-        """The loss's reparameterised particles; with ``global_particles`` = M, a list of M draws
-        of the globals (:meth:`~pyro_iwem.infer.sampler.ParticleSampler.draws`)."""
+    def _particles(self, model, guide, args, kwargs, global_particles=1):
+        """The loss's reparameterised particles, a list of ``global_particles`` draws of the globals
+        (:meth:`~pyro_iwem.infer.sampler.ParticleSampler.draws`; one without globals or at M = 1)."""
         sampler = self.sampler(model, guide)
-        draws = sampler.draws(global_particles or 1, self.num_particles, args, kwargs, grad_guide=True,
+        draws = sampler.draws(global_particles, self.num_particles, args, kwargs, grad_guide=True,
                               transforms=self.transforms())  # fmt: skip
         if self.warns_model_proposed:
             for name in draws[0].model_proposed:
@@ -169,7 +169,7 @@ class ParticleLoss(ELBO):
                         "score-function gradient if it is not reparameterised. Add it to the guide, or mark a "
                         "discrete site infer={'enumerate': 'parallel'} to sum it out exactly",
                     )
-        return draws if global_particles is not None else draws[0]
+        return draws
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError(f"{type(self).__name__} draws its particles with a ParticleSampler")
@@ -185,7 +185,7 @@ class ParticleLoss(ELBO):
         Every check runs, and every gradient is computed, before any ``.grad`` is written; a
         step refused on one process is refused on all (:func:`~pyro_iwem.infer.collective_step`)."""
         with collective_step(model, guide) as step:
-            particles = self._particles(model, guide, args, kwargs)
+            [particles] = self._particles(model, guide, args, kwargs)
             step.ordered(self.grads_from_particles(particles))  # the trace order, for an optimiser handed a set
             return self.scaled(particles, self.value(particles)).item()
 
@@ -237,7 +237,7 @@ class ParticleLoss(ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The loss as a differentiable tensor, for losses whose θ and φ objectives coincide
         (for :class:`OptimalProposalLoss`, the φ objective: step the guide only)."""
-        particles = self._particles(model, guide, args, kwargs)
+        [particles] = self._particles(model, guide, args, kwargs)
         theta_objective, phi_objective = self.objectives(particles)
         if theta_objective is not None and phi_objective is not None and theta_objective is not phi_objective:
             raise NotImplementedError(
